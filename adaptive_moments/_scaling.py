@@ -1,0 +1,238 @@
+"""CaAdam's scaling factor S: the connection statistics and the three formulas.
+
+This module is the one place where S is defined (``caadam.md`` §2-§4).
+
+Units. S is constant per *unit*; what a unit is depends on ``structure``:
+
+* ``"layer"``: one layer (one slice of a stacked layer). Its connection count
+  is the sum over the layer's parameters; every parameter of the layer shares
+  its S. Statistics are over units with connections, each unit once; units
+  without connections (norm layers, free biases) get S = 1 from the connection
+  strategies. Depth is the layer's depth in the table.
+* ``"variable"``: one parameter tensor (one slice of a stacked tensor); c is
+  its own connection count; tensors without connections get S = 1 from the
+  connection strategies; depth is the tensor's index in forward order.
+* ``"reference"``: bug-compatible with the Keras package: every tensor is a
+  unit, keyed by its *short* name (last path component); a >= 2-D tensor's
+  count is ``prod(shape)`` and the *last* >= 2-D tensor with a given short name
+  sets the count of all tensors of that name; tensors whose short name has no
+  >= 2-D match get c = 0; depth is the tensor's index in forward order,
+  ``d_m`` the number of tensors. No guards: degenerate statistics give NaN/inf
+  exactly as the reference does.
+
+Formulas, with ``a = (med - c)/(med - c_min)`` for ``c <= med`` and
+``a = -(c - med)/(c_max - med)`` otherwise (``S = 1`` when ``c_min == c_max``):
+
+* additive: ``S = 1 + gamma * a``;
+* multiplicative: ``S = gamma ** |a|`` (as coded, V-shaped for gamma > 1), or
+  ``gamma ** a`` with ``signed=True`` (the version the code comment describes);
+* depth: ``S = (1 + gamma) ** ((d_m - (1 + d)) / d_m)``.
+
+In ``"layer"``/``"variable"`` a zero denominator (``med == c_min`` or
+``med == c_max``) counts as distance 0, so S is always finite (``caadam.md`` §4).
+
+The distances are host constants (float64 NumPy); gamma may be a traced value
+under ``optax.inject_hyperparams``, so the last step uses ``jnp`` then.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from adaptive_moments import _validation
+from adaptive_moments._layers import LayerTable
+
+STRATEGIES = ("additive", "multiplicative", "depth")
+STRUCTURES = ("layer", "variable", "reference")
+DEFAULT_GAMMA = {"additive": 0.95, "multiplicative": 5.0, "depth": 1.0}
+
+
+def default_gamma(strategy: str, gamma: Any) -> Any:
+    return DEFAULT_GAMMA[strategy] if gamma is None else gamma
+
+
+class UnitData:
+    """Per-parameter connection counts and depths (arrays over slices)."""
+
+    def __init__(self, table: LayerTable, structure: str):
+        self.conn: dict[str, np.ndarray] = {}
+        self.depth: dict[str, np.ndarray] = {}
+        rows = table.rows
+        if structure == "layer":
+            layer_conn: dict[tuple[str, int], float] = {}
+            for r in rows:
+                for i in range(r.num_slices):
+                    key = (r.layer, i)
+                    layer_conn[key] = layer_conn.get(key, 0.0) + r.connections
+            for r in rows:
+                self.conn[r.path] = np.array(
+                    [layer_conn[(r.layer, i)] for i in range(r.num_slices)], np.float64
+                )
+                self.depth[r.path] = np.array(r.depth, np.float64)
+            counted = [c for c in layer_conn.values() if c > 0]
+            self.d_m = float(table.num_depths)
+        elif structure == "variable":
+            k = 0
+            counted = []
+            for r in rows:
+                n = r.num_slices
+                self.conn[r.path] = np.full(n, float(r.connections))
+                self.depth[r.path] = np.arange(k, k + n, dtype=np.float64)
+                k += n
+                if r.connections > 0:
+                    counted.extend([float(r.connections)] * n)
+            self.d_m = float(k)
+        elif structure == "reference":
+            by_short: dict[str, float] = {}
+            for r in rows:
+                if len(r.shape) > 1:
+                    by_short[r.leaf_name] = float(np.prod(r.shape))
+            counted = [float(np.prod(r.shape)) for r in rows if len(r.shape) > 1]
+            for k, r in enumerate(rows):
+                self.conn[r.path] = np.array([by_short.get(r.leaf_name, 0.0)])
+                self.depth[r.path] = np.array([float(k)])
+            self.d_m = float(len(rows))
+        else:  # pragma: no cover - validated by callers
+            raise AssertionError(structure)
+        if counted:
+            self.c_min = float(np.min(counted))
+            self.c_max = float(np.max(counted))
+            self.median = float(np.median(counted))
+        else:
+            self.c_min = self.c_max = self.median = 1.0
+
+
+def signed_distance(c: np.ndarray, u: UnitData, safe: bool) -> np.ndarray:
+    """``a`` of the module docstring, elementwise over ``c``."""
+    lo = u.median - u.c_min
+    hi = u.c_max - u.median
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if safe:  # a zero denominator means distance 0 (caadam.md section 4)
+            below = (u.median - c) / lo if lo != 0 else np.zeros_like(c)
+            above = (u.median - c) / hi if hi != 0 else np.zeros_like(c)
+        else:  # the reference's IEEE arithmetic: x/0 = inf, 0/0 = NaN
+            below = (u.median - c) / np.float64(lo)
+            above = (u.median - c) / np.float64(hi)
+    return np.where(c <= u.median, below, above)
+
+
+def _unit_scales(
+    u: UnitData, path: str, strategy: str, gamma: Any, safe: bool, signed: bool
+) -> Any:
+    traced = _validation.concrete_float(gamma) is None
+    xp = jnp if traced else np
+    if strategy == "depth":
+        expo = (u.d_m - (1.0 + u.depth[path])) / u.d_m if u.d_m > 0 else 0.0 * u.depth[path]
+        return xp.power(1.0 + gamma, expo) if traced else np.power(1.0 + float(gamma), expo)
+    c = u.conn[path]
+    if u.c_min == u.c_max:
+        return np.ones_like(c)
+    a = signed_distance(c, u, safe)
+    no_conn = (c == 0) if safe else np.zeros(c.shape, bool)
+    if strategy == "additive":
+        s = 1.0 + (gamma if traced else float(gamma)) * a
+    else:
+        sigma = a if signed else np.abs(a)
+        with np.errstate(over="ignore", invalid="ignore"):
+            s = xp.power(gamma, sigma) if traced else np.power(float(gamma), sigma)
+    return xp.where(no_conn, 1.0, s)
+
+
+def scale_factors(
+    table: LayerTable,
+    strategy: str,
+    gamma: Any = None,
+    *,
+    structure: str = "layer",
+    signed: bool = False,
+) -> dict[str, Any]:
+    """CaAdam's S for every parameter of ``table``: path -> array over slices.
+
+    Values are float64 NumPy arrays (one entry per slice) when ``gamma`` is
+    concrete, ``jnp`` arrays when it is traced.
+    """
+    _validation.check_choice("strategy", strategy, STRATEGIES)
+    _validation.check_choice("structure", structure, STRUCTURES)
+    gamma = default_gamma(strategy, gamma)
+    check_gamma(strategy, gamma)
+    u = UnitData(table, structure)
+    safe = structure != "reference"
+    return {
+        r.path: _unit_scales(u, r.path, strategy, gamma, safe, signed) for r in table.rows
+    }
+
+
+def check_gamma(strategy: str, gamma: Any) -> None:
+    if strategy == "multiplicative":
+        _validation.check_positive(
+            "gamma", gamma, "the multiplicative strategy takes gamma ** sigma"
+        )
+    elif strategy == "depth":
+        _validation.check_interval("gamma", gamma, -1.0, float("inf"), low_closed=False)
+    else:
+        _validation.check_nonnegative("gamma", gamma)
+
+
+def broadcast_scale(s: Any, shape: tuple[int, ...], stack_axis: int | None, dtype: Any) -> Any:
+    """Turns a per-slice S (length 1 or L) into something that multiplies a leaf."""
+    if isinstance(s, np.ndarray):
+        flat = s.reshape(-1)
+        if flat.size == 1 or np.all(flat == flat[0]):
+            return jnp.asarray(flat[0], dtype)
+        bshape = [1] * len(shape)
+        bshape[stack_axis] = flat.size
+        return jnp.asarray(flat.reshape(bshape), dtype)
+    s = jnp.asarray(s)
+    if s.size == 1:
+        return s.reshape(()).astype(dtype)
+    bshape = [1] * len(shape)
+    bshape[stack_axis] = s.size
+    return s.reshape(bshape).astype(dtype)
+
+
+def scales_tree(
+    params: Any,
+    strategy: str = "multiplicative",
+    gamma: Any = None,
+    *,
+    layers: Any = None,
+    structure: str = "layer",
+    signed: bool = False,
+) -> Any:
+    """CaAdam's S for every parameter, as a tree shaped like ``params``.
+
+    Each leaf is a float64 NumPy array: a scalar, or a vector along the stack
+    axis for a scan-stacked leaf whose slices differ.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import adaptive_moments as am
+      >>> params = {'a': {'kernel': jnp.zeros((8, 4))}, 'b': {'kernel': jnp.zeros((4, 2))},
+      ...           'c': {'kernel': jnp.zeros((2, 1))}}
+      >>> s = am.caadam_scales(params, 'multiplicative')
+      >>> {k: round(float(v['kernel']), 4) for k, v in s.items()}
+      {'a': 5.0, 'b': 1.0, 'c': 5.0}
+    """
+    from adaptive_moments import _layers, _paths
+
+    table = _layers.resolve_table(layers, params, "caadam_scales")
+    scales = scale_factors(table, strategy, gamma, structure=structure, signed=signed)
+
+    def one(path, leaf):
+        info = table.lookup(path, "caadam_scales")
+        s = np.asarray(scales[path], np.float64).reshape(-1)
+        if s.size == 1 or np.all(s == s[0]):
+            return np.float64(s[0])
+        bshape = [1] * len(info.shape)
+        bshape[info.stack_axis] = s.size
+        return s.reshape(bshape)
+
+    return _paths.map_with_path(one, params)
+
+
+def is_traced(x: Any) -> bool:
+    return isinstance(x, jax.core.Tracer)
