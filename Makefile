@@ -25,7 +25,8 @@ data:
 run: $(STAMP) data
 	$(PY) -m adaptive_moments.experiments $(ARGS)
 
-test: $(STAMP) data
+test: $(STAMP)
+	-bash scripts/install_data.sh
 	$(PY) -m pytest -n 2 -q $(ARGS)
 
 bench: $(STAMP)

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adaptive_moments import _layers, _moments, _paths, _scaling, _validation
+from adaptive_moments import _layers, _moments, _paths, _scaling, _validation, _weight_decay
 
 
 class ScaleByConnectionAwareState(NamedTuple):
@@ -212,9 +212,9 @@ def caadam(
       ...   updates, state = opt.update(jax.grad(loss)(params), state, params)
       ...   params = optax.apply_updates(params, updates)
       ...   print(f'{loss(params):.4f}')
-      14.6563
-      13.9950
-      13.3543
+      15.0779
+      14.3331
+      13.6081
 
     References:
       Genet & Inzirillo, `CaAdam: Improving Adam optimizer using connection
@@ -234,7 +234,7 @@ def caadam(
             eps_placement=eps_placement,
             mu_dtype=mu_dtype,
         ),
-        optax.add_decayed_weights(weight_decay, weight_decay_mask),
+        _weight_decay.add_decayed_weights(weight_decay, weight_decay_mask),
         optax.scale_by_learning_rate(learning_rate),
     )
 

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adaptive_moments import _moments, _paths, _validation
+from adaptive_moments import _moments, _paths, _validation, _weight_decay
 
 
 class ScaleByExadamState(NamedTuple):
@@ -139,9 +139,9 @@ def exadam(
       ...   updates, state = opt.update(grads, state, params)
       ...   params = optax.apply_updates(params, updates)
       ...   print(f'{jnp.sum(params ** 2):.4f}')
-      12.9492
-      12.0973
-      11.4584
+      12.1620
+      11.1954
+      10.4970
 
     References:
       Adly, `EXAdam: The Power of Adaptive Cross-Moments
@@ -149,7 +149,7 @@ def exadam(
     """
     _validation.check_nonnegative("weight_decay", weight_decay)
     inner = scale_by_exadam(b1, b2, eps, log_step_size=log_step_size, mu_dtype=mu_dtype)
-    decay = optax.add_decayed_weights(weight_decay, weight_decay_mask)
+    decay = _weight_decay.add_decayed_weights(weight_decay, weight_decay_mask)
     if decoupled_weight_decay:
         return optax.chain(inner, decay, optax.scale_by_learning_rate(learning_rate))
     return optax.chain(decay, inner, optax.scale_by_learning_rate(learning_rate))

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adaptive_moments import _layers, _moments, _paths, _reductions, _validation
+from adaptive_moments import _layers, _moments, _paths, _reductions, _validation, _weight_decay
 
 # Added to sum(v^2) of the raw v in the down-scaling factor; hard-coded in the
 # reference code (set_adam.md section 2).
@@ -160,9 +160,9 @@ def set_adam(
       ...   updates, state = opt.update(grads, state, params)
       ...   params = optax.apply_updates(params, updates)
       ...   print(f'{jnp.sum(params ** 2):.4f}')
-      12.3722
-      10.8893
-      9.5648
+      12.0834
+      10.3948
+      8.9353
 
     References:
       Zhang, Niwa & Kleijn, `On Suppressing Range of Adaptive Stepsizes of
@@ -173,7 +173,7 @@ def set_adam(
     inner = scale_by_set_adam(
         b1, b2, eps, tau, layers=layers, axis_name=axis_name, mu_dtype=mu_dtype
     )
-    decay = optax.add_decayed_weights(weight_decay, weight_decay_mask)
+    decay = _weight_decay.add_decayed_weights(weight_decay, weight_decay_mask)
     if decoupled_weight_decay:
         return optax.chain(inner, decay, optax.scale_by_learning_rate(learning_rate))
     return optax.chain(decay, inner, optax.scale_by_learning_rate(learning_rate))
