@@ -23,7 +23,9 @@ def compute_dtype(dtype: Any) -> Any:
     dtype = jnp.dtype(dtype)
     if not jnp.issubdtype(dtype, jnp.floating):
         return dtype
-    return jnp.promote_types(dtype, jnp.float32)
+    # Not jnp.promote_types: under jax_numpy_dtype_promotion="strict" it
+    # raises for (bfloat16, float32), the very case this exists for.
+    return dtype if dtype.itemsize >= 4 else jnp.dtype(jnp.float32)
 
 
 def canonical_dtype(dtype: Any | None) -> Any | None:

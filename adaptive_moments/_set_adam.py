@@ -72,8 +72,11 @@ def scale_by_set_adam(
             s1, s2, vmin, d = _reductions.layer_statistics(
                 v, stack_axis, _reductions.axes_for(axis_name, path)
             )
-            # (1) down-scaling: s = (sum v)^2 / (d (sum v^2 + guard)) = cos^2(v, 1).
-            s = (s1 * s1) / (jnp.asarray(d, cd) * (s2 + jnp.asarray(COS_GUARD, cd)))
+            # (1) down-scaling: s = (sum v)^2 / (d (sum v^2 + guard)) = cos^2(v, 1),
+            # as mu * sum(v) with mu = sum(v) / d (the reference's order): squaring
+            # sum(v) first overflows float32 sqrt(d) times earlier than sum(v^2).
+            mean = s1 / jnp.asarray(d, cd)
+            s = (mean * s1) / (s2 + jnp.asarray(COS_GUARD, cd))
             # (2) eps inside the sqrt, after bias correction.
             e = jnp.asarray(eps, cd)
             w = jnp.sqrt(s * v / bc2 + e)
@@ -142,8 +145,13 @@ def set_adam(
         sharded over (a name, a tuple, a mapping path -> names, or a callable
         path -> names); sums are ``psum``-ed and the min ``pmin``-ed over them.
         Without it, inside ``shard_map`` each device reduces only its own
-        shard (a different algorithm). Under plain ``jax.jit`` with sharded
-        arrays no ``axis_name`` is needed: XLA inserts the all-reduces.
+        shard, with ``d`` its local size: every shard acts as a layer of its
+        own, so the update differs from the global-layer one and between
+        devices. A leaf that is replicated, or sharded only along its stack
+        axis (each device holds whole layers), needs no axis name; naming the
+        stack axis would mix different layers. Under plain ``jax.jit`` with
+        sharded arrays no ``axis_name`` is needed: XLA inserts the
+        all-reduces (combined into one per reduction kind and device group).
       mu_dtype: dtype of the first moment; ``None`` infers it from params.
 
     Returns:

@@ -1,0 +1,191 @@
+"""Command line: ``python -m adaptive_moments.experiments [options]``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from adaptive_moments.experiments import config as config_lib
+from adaptive_moments.experiments.config import PRESETS, ExperimentConfig
+from adaptive_moments.experiments.data import DataMissingError
+
+_EPILOG = """\
+optimizers (NAME or NAME:key=value,...; lr=... overrides --lr for that one):
+{optimizers}
+
+presets:
+{presets}
+
+examples:
+  python -m adaptive_moments.experiments                       # the ~5 min default
+  python -m adaptive_moments.experiments --task regression_mlp --model paper --seeds 0 1 2
+  python -m adaptive_moments.experiments --optimizers adam \\
+      caadam:strategy=additive,structure=reference exadam_v1 --epochs 3
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from adaptive_moments.experiments.optimizers import describe_optimizers
+    from adaptive_moments.experiments.tasks import TASKS
+
+    presets = "\n".join(
+        f"  {name:<16} {p['task']}, {len(p['seeds'])} seeds, {len(p['optimizers'])} optimizers"
+        for name, p in PRESETS.items()
+    )
+    parser = argparse.ArgumentParser(
+        prog="python -m adaptive_moments.experiments",
+        description=(
+            "Compare CaAdam, SET-Adam, EXAdam and baselines on real offline data. "
+            "Prints a table (mean ± std over seeds, Welch t-test vs Adam) and writes a PNG "
+            "and a JSON report. Without arguments: the 'quick' preset (about 5 minutes on "
+            "a 2-core CPU)."
+        ),
+        epilog=_EPILOG.format(optimizers=describe_optimizers(), presets=presets),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    tasks = ", ".join(f"{n} ({t.description})" for n, t in TASKS.items())
+    a = parser.add_argument
+    a("--preset", choices=sorted(PRESETS), help="start from a named configuration")
+    a("--task", choices=sorted(TASKS), help=f"the task: {tasks}")
+    a("--optimizers", nargs="+", metavar="SPEC", help="optimizer specs (see below)")
+    a("--seeds", nargs="+", type=int, metavar="S", help="seeds (default 0 1 2)")
+    a("--num-seeds", type=int, metavar="N", help="shorthand for --seeds 0 .. N-1")
+    a("--epochs", type=int, help="epochs (max epochs with early stopping)")
+    a("--lr", type=float, help="learning rate for every optimizer")
+    a("--batch-size", type=int)
+    a("--train-subset", type=int, metavar="N", help="training examples (chars for the GPT); 0 = all")
+    a("--test-subset", type=int, metavar="N", help="test examples (windows for the GPT); 0 = all")
+    a("--val-fraction", type=float, help="last fraction of the training subset kept for validation")
+    a("--model", action="append", metavar="M",
+      help="model string (repeat for several; see the task docs); regression_mlp: 64,32 or paper")
+    a("--image-size", type=int, choices=(28, 56), help="Fashion-MNIST size (56: scipy zoom, order 3)")
+    a("--channels", type=int, choices=(1, 3), help="Fashion-MNIST channels (3: replicated)")
+    a("--steps-per-epoch", type=int, help="char-GPT: optimizer steps between evaluations")
+    a("--eval-windows", type=int, help="char-GPT: validation windows per evaluation")
+    a("--text-chars", type=int, help="char-GPT: characters of Shakespeare to use (0 = all 5.06M)")
+    a("--early-stopping", type=int, metavar="PATIENCE", help="Keras EarlyStopping on val loss")
+    a("--early-stopping-start", type=int, metavar="EPOCH")
+    a("--reduce-lr", type=int, metavar="PATIENCE", help="Keras ReduceLROnPlateau on val loss")
+    a("--restore-best", action=argparse.BooleanOptionalAction,
+      help="test with the best-validation weights (default: on with early stopping)")
+    a("--target-loss", type=float, help="train loss for 'steps to target' (default: Adam's final)")
+    a("--output-dir", help="where the PNG, JSON and Markdown table go (default results/)")
+    a("--name", help="file stem of the outputs (default: preset or task plus a time stamp)")
+    a("--no-progress", dest="progress", action="store_false", default=None,
+      help="no progress bars (one line per run instead)")
+    a("--no-plot", dest="plot", action="store_false", default=None, help="skip the PNG")
+    return parser
+
+
+def config_from_args(argv: list[str] | None = None) -> ExperimentConfig:
+    """Parses the command line into a config (preset, then explicit options)."""
+    args = build_parser().parse_args(argv)
+    if args.preset:
+        base: dict[str, Any] = dict(PRESETS[args.preset], preset=args.preset)
+    elif args.task:
+        base = {"task": args.task}
+    else:
+        base = dict(PRESETS["quick"], preset="quick")
+    cfg = ExperimentConfig(**base)
+    overrides = {
+        k: v for k, v in vars(args).items()
+        if v is not None and k not in ("preset", "num_seeds") and hasattr(cfg, k)
+    }
+    if args.num_seeds is not None:
+        overrides["seeds"] = list(range(args.num_seeds))
+    cfg = dataclasses.replace(cfg, **overrides)
+    return cfg
+
+
+def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Runs a whole comparison and writes its outputs.
+
+    Returns:
+      The report (also written as JSON), with ``paths`` to the files.
+
+    Raises:
+      DataMissingError: a data set is not installed.
+    """
+    from adaptive_moments.experiments import report
+    from adaptive_moments.experiments.optimizers import parse_optimizer
+    from adaptive_moments.experiments.tasks import TASKS
+    from adaptive_moments.experiments.train import run_group
+
+    t_start = time.perf_counter()
+    if cfg.task not in TASKS:
+        raise ValueError(f"unknown task {cfg.task!r}; known: {', '.join(TASKS)}.")
+    task = TASKS[cfg.task]()
+    cfg = cfg.resolved(task.defaults)
+    if not cfg.seeds:
+        raise ValueError("at least one seed is needed.")
+    specs = [parse_optimizer(s) for s in cfg.optimizers]
+    labels = [s.label for s in specs]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"duplicate optimizer specs: {labels}.")
+    data = task.load(cfg)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    name = cfg.name or f"{cfg.preset or cfg.task}_{stamp}"
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    print(
+        f"{task.name}: {task.description}\n"
+        f"  data: {data.info}\n"
+        f"  optimizers: {', '.join(labels)}\n"
+        f"  seeds: {cfg.seeds}; epochs {cfg.epochs}; lr {cfg.lr}; batch {cfg.batch_size}",
+        flush=True,
+    )
+    groups = []
+    for model_name in task.model_names(cfg):
+        group = run_group(task, data, cfg, model_name, specs)
+        group["summary"] = report.summarize(group, task.higher_is_better, cfg.target_loss)
+        group["table"] = report.format_table(group["summary"], task.metric, len(cfg.seeds))
+        groups.append(group)
+        print(f"\n{task.name}, model {model_name} ({group['num_params']:,} parameters)")
+        print(group["table"], flush=True)
+
+    paths = {"json": str(out_dir / f"{name}.json"), "table": str(out_dir / f"{name}.md")}
+    if cfg.plot:
+        paths["png"] = str(out_dir / f"{name}.png")
+        report.plot(groups, task.metric, f"{task.name}: {', '.join(labels)}", Path(paths["png"]))
+    wall = time.perf_counter() - t_start
+    with open(paths["table"], "w") as f:
+        f.write(f"# {task.name} ({name})\n\nseeds {cfg.seeds}, wall time {wall:.0f} s\n")
+        for g in groups:
+            f.write(f"\n## model {g['model']} ({g['num_params']:,} parameters)\n\n{g['table']}\n")
+    result = {
+        "config": dataclasses.asdict(cfg),
+        "task": {"name": task.name, "description": task.description, "metric": task.metric,
+                 "higher_is_better": task.higher_is_better},
+        "data": data.info,
+        "optimizers": {s.label: {"name": s.name, "kwargs": s.kwargs, "lr": s.lr} for s in specs},
+        "groups": groups,
+        "versions": report.versions(),
+        "wall_time_s": wall,
+        "paths": paths,
+    }
+    report.write_json(result, Path(paths["json"]))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code (2 when data is missing)."""
+    cfg = config_from_args(argv)
+    try:
+        result = run_experiment(cfg)
+    except DataMissingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for kind, path in result["paths"].items():
+        print(f"{kind}: {path}")
+    print(f"wall time: {result['wall_time_s']:.1f} s")
+    return 0
+
+
+__all__ = ["build_parser", "config_from_args", "config_lib", "main", "run_experiment"]

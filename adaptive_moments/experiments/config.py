@@ -1,0 +1,147 @@
+"""Experiment configuration and named presets."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+DEFAULT_OPTIMIZERS = ["adam", "caadam_multiplicative", "set_adam", "exadam"]
+
+
+@dataclasses.dataclass
+class ExperimentConfig:
+    """Everything one comparison needs; the JSON report stores it verbatim.
+
+    ``None`` in ``epochs``, ``lr``, ``batch_size``, ``train_subset`` and
+    ``test_subset`` means the task's default (see
+    :data:`adaptive_moments.experiments.tasks.TASKS`); a subset of 0 means
+    the whole split.
+    """
+
+    task: str = "fashion_mnist_cnn"
+    optimizers: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_OPTIMIZERS))
+    seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])
+    epochs: int | None = None
+    lr: float | None = None
+    batch_size: int | None = None
+    train_subset: int | None = None
+    test_subset: int | None = None
+    val_fraction: float = 0.2
+    model: list[str] = dataclasses.field(default_factory=list)
+    # Fashion-MNIST input: 28 (native) or 56 (the CaAdam paper's zoom), 1 or 3 channels.
+    image_size: int = 28
+    channels: int = 1
+    # char-GPT: an "epoch" is steps_per_epoch random batches, then an evaluation
+    # on eval_windows fixed validation windows.
+    steps_per_epoch: int = 100
+    eval_windows: int = 256
+    text_chars: int = 1_115_394
+    # Keras-style callbacks on the validation loss (None: off).
+    early_stopping: int | None = None
+    early_stopping_start: int = 0
+    reduce_lr: int | None = None
+    reduce_lr_factor: float = 0.25
+    min_lr: float = 2.5e-5
+    min_delta: float = 1e-5
+    restore_best: bool | None = None  # None: on when early stopping is on
+    target_loss: float | None = None  # None: Adam's final (smoothed) train loss
+    eval_batch_size: int = 1000
+    output_dir: str = "results"
+    name: str | None = None
+    preset: str | None = None
+    progress: bool = True
+    plot: bool = True
+
+    def resolved(self, task_defaults: dict[str, Any]) -> ExperimentConfig:
+        """A copy with the task defaults filled in."""
+        out = dataclasses.replace(self)
+        for key in ("epochs", "lr", "batch_size", "train_subset", "test_subset"):
+            if getattr(out, key) is None:
+                setattr(out, key, task_defaults[key])
+        if out.restore_best is None:
+            out.restore_best = out.early_stopping is not None
+        return out
+
+
+_CAADAM3 = ["caadam_additive", "caadam_multiplicative", "caadam_depth"]
+_KERAS3 = [f"caadam_keras:strategy={s}" for s in ("additive", "multiplicative", "depth")]
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The default: a ~5 minute CPU comparison on real Fashion-MNIST.
+    "quick": dict(
+        task="fashion_mnist_cnn",
+        optimizers=list(DEFAULT_OPTIMIZERS),
+        seeds=[0, 1, 2],
+    ),
+    # A longer CNN comparison (the CaAdam Fashion-MNIST setting, small CNN, subset).
+    "fmnist_cnn": dict(
+        task="fashion_mnist_cnn",
+        optimizers=["adam", "adamw:weight_decay=0.004", "nadam", *_CAADAM3,
+                    "caadam_keras:strategy=multiplicative", "set_adam", "exadam"],
+        seeds=[0, 1, 2, 3, 4],
+        train_subset=12000,
+        test_subset=10000,
+        epochs=6,
+    ),
+    # CaAdam paper protocol for Fashion-MNIST ResNet-20 (56x56x3, batch 64,
+    # early stopping 15, reduce-on-plateau 6, 30 runs). Days on a CPU: use a GPU,
+    # or --train-subset / --seeds to shrink it.
+    "resnet20_paper": dict(
+        task="fashion_mnist_resnet20",
+        optimizers=["adam", "adamw:weight_decay=0.004", "nadam", *_KERAS3, *_CAADAM3],
+        seeds=list(range(30)),
+        image_size=56,
+        channels=3,
+        batch_size=64,
+        epochs=1000,
+        train_subset=0,
+        test_subset=0,
+        early_stopping=15,
+        reduce_lr=6,
+    ),
+    # ResNet-20 at native 28x28x1 on a subset: a CPU-sized version of the above.
+    "resnet20_small": dict(
+        task="fashion_mnist_resnet20",
+        optimizers=["adam", *_KERAS3, "caadam_depth", "set_adam", "exadam"],
+        seeds=[0, 1, 2],
+        batch_size=64,
+        train_subset=4000,
+        test_subset=2000,
+        epochs=5,
+    ),
+    # EXAdam MinGPT notebook setting scaled to a CPU: lr 1e-4 for every optimizer.
+    "gpt_exadam": dict(
+        task="shakespeare_gpt",
+        optimizers=["adam", "adamw:weight_decay=0.01", "sgd", "exadam", "exadam_v1"],
+        seeds=[0, 1, 2],
+        lr=1e-4,
+        model=["layers=2,d=64,heads=4,block=64,dropout=0.2"],
+        batch_size=32,
+        steps_per_epoch=100,
+        epochs=20,
+    ),
+    # The notebook's own model and length (8000 iterations): GPU-sized.
+    "gpt_notebook": dict(
+        task="shakespeare_gpt",
+        optimizers=["adam", "adamw:weight_decay=0.01", "sgd", "exadam", "exadam_v1"],
+        seeds=[1234],
+        lr=1e-4,
+        model=["layers=8,d=384,heads=8,block=256,dropout=0.2"],
+        batch_size=64,
+        steps_per_epoch=500,
+        eval_windows=200 * 64,
+        epochs=16,
+    ),
+    # CaAdam paper MLP protocol (six architectures) on sklearn's diabetes set.
+    "mlp_paper": dict(
+        task="regression_mlp",
+        optimizers=["adam", "adamw:weight_decay=0.004", "nadam", *_CAADAM3, *_KERAS3],
+        seeds=list(range(10)),
+        model=["paper"],
+        batch_size=128,
+        epochs=1000,
+        early_stopping=25,
+        early_stopping_start=12,
+        reduce_lr=8,
+    ),
+}

@@ -1,0 +1,528 @@
+"""Step time, compile time and memory of our optimizers against ``optax.adam``.
+
+Every measurement puts ``optax.adam`` and each of our optimizers (CaAdam's
+three strategies, ``caadam_keras``, SET-Adam, EXAdam) on the same trees in one
+process and *interleaves* them: each round runs a few timed steps of every
+candidate in turn, so slow drifts of a shared machine hit all candidates alike.
+A timed step is one call of a jitted, donated function followed by
+``block_until_ready`` (``data.md`` §3); the figure is the median over all
+timed steps, and the ratio is the candidate's median over adam's.
+
+Cases:
+
+* ``opt-*``: optimizer-only step (``update`` + ``apply_updates``) on a GPT-like
+  tree of ~30M (and ~125M) parameters, a ResNet-20 tree and 2,000 small
+  leaves;
+* ``train-*``: whole train step (forward + backward + update) of ResNet-20
+  (batch 32 of 32x32x3) and a small char-GPT (4 layers, d=128, T=128);
+* ``compile-1000``: trace + compile time of the optimizer step on a
+  1,000-leaf tree (fresh optimizer and function per repetition);
+* ``memory``: optimizer state bytes and the compiled step's peak-memory
+  estimate (arguments + outputs - aliased + temporaries) on the 30M tree.
+
+Run ``python benchmarks/step_time.py`` (``make bench``); ``--quick`` for a
+short smoke run, ``--no-125m`` to skip the largest tree. A table is printed
+and the figures are written as JSON to ``results/step_time.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import adaptive_moments as am
+
+LR = 1e-3
+
+# name -> factory; "adam" first: it is the reference of every ratio.
+CANDIDATES: dict[str, Callable[[], optax.GradientTransformation]] = {
+    "adam": lambda: optax.adam(LR),
+    "caadam_additive": lambda: am.caadam(LR, "additive"),
+    "caadam_multiplicative": lambda: am.caadam(LR, "multiplicative"),
+    "caadam_depth": lambda: am.caadam(LR, "depth"),
+    "caadam_keras": lambda: am.caadam_keras(LR),
+    "set_adam": lambda: am.set_adam(LR),
+    "exadam": lambda: am.exadam(LR),
+}
+TARGETS = {  # median step-time ratio to adam, optimizer-only (issue 6)
+    "caadam_additive": 1.05,
+    "caadam_multiplicative": 1.05,
+    "caadam_depth": 1.05,
+    "caadam_keras": 1.05,
+    "set_adam": 1.35,
+    "exadam": 1.15,
+}
+TRAIN_TARGET = 1.03
+COMPILE_TARGET = 2.0
+
+
+# ---------------------------------------------------------------------------
+# parameter trees (shapes only; values are random)
+
+
+def gpt_shapes(vocab: int, block: int, d: int, layers: int) -> dict:
+    """A nanoGPT-style tree (untied head), one sub-dict per block."""
+    tree: dict[str, Any] = {"wte": {"embedding": (vocab, d)}, "wpe": {"embedding": (block, d)}}
+    for i in range(layers):
+        tree[f"h{i}"] = {
+            "ln_1": {"scale": (d,), "bias": (d,)},
+            "attn_qkv": {"kernel": (d, 3 * d), "bias": (3 * d,)},
+            "attn_proj": {"kernel": (d, d), "bias": (d,)},
+            "ln_2": {"scale": (d,), "bias": (d,)},
+            "mlp_fc": {"kernel": (d, 4 * d), "bias": (4 * d,)},
+            "mlp_proj": {"kernel": (4 * d, d), "bias": (d,)},
+        }
+    tree["ln_f"] = {"scale": (d,), "bias": (d,)}
+    tree["head"] = {"kernel": (d, vocab)}
+    return tree
+
+
+def resnet20_shapes(num_classes: int = 10) -> dict:
+    """CIFAR ResNet-20 (3 stages x 3 basic blocks, 16/32/64 channels)."""
+    tree: dict[str, Any] = {
+        "conv0": {"kernel": (3, 3, 3, 16)},
+        "bn0": {"scale": (16,), "bias": (16,)},
+    }
+    c_in = 16
+    for s, c in enumerate((16, 32, 64)):
+        for b in range(3):
+            blk: dict[str, Any] = {
+                "conv1": {"kernel": (3, 3, c_in, c)},
+                "bn1": {"scale": (c,), "bias": (c,)},
+                "conv2": {"kernel": (3, 3, c, c)},
+                "bn2": {"scale": (c,), "bias": (c,)},
+            }
+            if c_in != c:  # projection shortcut where the width changes
+                blk["proj"] = {"kernel": (1, 1, c_in, c)}
+                blk["bn_proj"] = {"scale": (c,), "bias": (c,)}
+            tree[f"stage{s}_block{b}"] = blk
+            c_in = c
+    tree["head"] = {"kernel": (64, num_classes), "bias": (num_classes,)}
+    return tree
+
+
+def small_leaves_shapes(num_leaves: int) -> dict:
+    """num_leaves // 2 tiny dense layers (kernel + bias)."""
+    return {
+        f"layer{i}": {"kernel": (16, 8 + i % 5), "bias": (8 + i % 5,)}
+        for i in range(num_leaves // 2)
+    }
+
+
+def _is_shape(x: Any) -> bool:
+    return isinstance(x, tuple) and all(isinstance(d, int) for d in x)
+
+
+def materialize(shapes: dict, seed: int, scale: float) -> dict:
+    leaves, treedef = jax.tree.flatten(shapes, is_leaf=_is_shape)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    arrays = [jax.random.normal(k, s, jnp.float32) * scale for k, s in zip(keys, leaves)]
+    return jax.tree.unflatten(treedef, arrays)
+
+
+def num_params(shapes: dict) -> int:
+    return sum(math.prod(s) for s in jax.tree.leaves(shapes, is_leaf=_is_shape))
+
+
+# ---------------------------------------------------------------------------
+# models for whole train steps (pure JAX)
+
+
+def resnet20_apply(params: dict, x: jax.Array) -> jax.Array:
+    def conv(x, k, stride):
+        return jax.lax.conv_general_dilated(
+            x, k, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+
+    def bn(x, p):  # training-mode batch norm (batch statistics)
+        mean = x.mean(axis=(0, 1, 2))
+        var = x.var(axis=(0, 1, 2))
+        return (x - mean) * jax.lax.rsqrt(var + 1e-5) * p["scale"] + p["bias"]
+
+    x = jax.nn.relu(bn(conv(x, params["conv0"]["kernel"], 1), params["bn0"]))
+    for s in range(3):
+        for b in range(3):
+            blk = params[f"stage{s}_block{b}"]
+            stride = 2 if (s > 0 and b == 0) else 1
+            y = jax.nn.relu(bn(conv(x, blk["conv1"]["kernel"], stride), blk["bn1"]))
+            y = bn(conv(y, blk["conv2"]["kernel"], 1), blk["bn2"])
+            if "proj" in blk:
+                x = bn(conv(x, blk["proj"]["kernel"], stride), blk["bn_proj"])
+            x = jax.nn.relu(x + y)
+    x = x.mean(axis=(1, 2))
+    return x @ params["head"]["kernel"] + params["head"]["bias"]
+
+
+def gpt_apply(params: dict, tokens: jax.Array, heads: int) -> jax.Array:
+    def ln(x, p):
+        mean = x.mean(-1, keepdims=True)
+        var = x.var(-1, keepdims=True)
+        return (x - mean) * jax.lax.rsqrt(var + 1e-5) * p["scale"] + p["bias"]
+
+    b, t = tokens.shape
+    x = params["wte"]["embedding"][tokens] + params["wpe"]["embedding"][:t]
+    d = x.shape[-1]
+    mask = jnp.tril(jnp.ones((t, t), bool))
+    layers = sum(1 for k in params if k.startswith("h"))
+    for i in range(layers):
+        p = params[f"h{i}"]
+        h = ln(x, p["ln_1"])
+        qkv = h @ p["attn_qkv"]["kernel"] + p["attn_qkv"]["bias"]
+        q, k, v = jnp.split(qkv.reshape(b, t, 3, heads, d // heads), 3, axis=2)
+        q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
+        att = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d // heads)
+        att = jax.nn.softmax(jnp.where(mask, att, -1e9), axis=-1)
+        y = jnp.einsum("bhqk,bkhd->bqhd", att, v).reshape(b, t, d)
+        x = x + y @ p["attn_proj"]["kernel"] + p["attn_proj"]["bias"]
+        h = ln(x, p["ln_2"])
+        h = jax.nn.gelu(h @ p["mlp_fc"]["kernel"] + p["mlp_fc"]["bias"])
+        x = x + h @ p["mlp_proj"]["kernel"] + p["mlp_proj"]["bias"]
+    x = ln(x, params["ln_f"])
+    return x @ params["head"]["kernel"]
+
+
+# ---------------------------------------------------------------------------
+# timing machinery
+
+
+def _opt_step(opt: optax.GradientTransformation) -> Callable:
+    def step(params, state, grads):
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def _train_step(opt: optax.GradientTransformation, loss_fn: Callable) -> Callable:
+    def step(params, state, batch):
+        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, loss
+
+    jitted = jax.jit(step, donate_argnums=(0, 1))
+
+    def call(params, state, batch):
+        params, state, _ = jitted(params, state, batch)
+        return params, state
+
+    return call
+
+
+class Runner:
+    """One candidate's jitted step and its live (params, state)."""
+
+    def __init__(self, name: str, make_step: Callable, template: dict):
+        self.name = name
+        self.opt = CANDIDATES[name]()
+        self.step = make_step(self.opt)
+        self.template = template
+        self.params = self.state = None
+        self.times: list[float] = []
+
+    def run(self, arg: Any, n: int, record: bool) -> None:
+        if self.params is None:  # the step donates: each runner owns a copy
+            self.params = jax.tree.map(jnp.copy, self.template)
+            self.state = self.opt.init(self.params)
+            jax.block_until_ready((self.params, self.state))
+        for _ in range(n):
+            t0 = time.perf_counter()
+            self.params, self.state = self.step(self.params, self.state, arg)
+            jax.block_until_ready((self.params, self.state))
+            if record:
+                self.times.append(time.perf_counter() - t0)
+
+    def release(self) -> None:
+        self.params = self.state = None
+        gc.collect()
+
+
+def interleaved(
+    names: list[str],
+    make_step: Callable,
+    template: dict,
+    arg: Any,
+    rounds: int,
+    steps: int,
+    warmup: int = 3,
+    fresh: bool = False,
+) -> dict[str, list[float]]:
+    """Median-ready step times of every candidate, interleaved per round.
+
+    ``fresh`` rebuilds a candidate's params and state every round and frees
+    them after (only one candidate's state is alive: for big trees).
+    """
+    runners = [Runner(n, make_step, template) for n in names]
+    for r in runners:  # compile and warm up
+        r.run(arg, warmup, record=False)
+        if fresh:
+            r.release()
+    for k in range(rounds):
+        # Rotate the order so no candidate always follows the same one.
+        order = runners[k % len(runners) :] + runners[: k % len(runners)]
+        for r in order:
+            if fresh:
+                r.run(arg, 1, record=False)  # rebuild, then one untimed step
+            r.run(arg, steps, record=True)
+            if fresh:
+                r.release()
+    out = {r.name: r.times for r in runners}
+    for r in runners:
+        r.release()
+    return out
+
+
+def summarize(times: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    base = statistics.median(times["adam"])
+    rows = {}
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        q1, q3 = np.percentile(ts, [25, 75])
+        rows[name] = {
+            "median_ms": 1e3 * med,
+            "iqr_ms": [1e3 * q1, 1e3 * q3],
+            "n": len(ts),
+            "ratio": med / base,
+        }
+    return rows
+
+
+def compile_times(names: list[str], shapes: dict, reps: int) -> dict[str, dict[str, float]]:
+    params = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s, jnp.float32), shapes, is_leaf=_is_shape
+    )
+    trace: dict[str, list[float]] = {n: [] for n in names}
+    comp: dict[str, list[float]] = {n: [] for n in names}
+    for k in range(reps):
+        order = names[k % len(names) :] + names[: k % len(names)]
+        for name in order:
+            opt = CANDIDATES[name]()  # fresh closure: nothing cached
+
+            def step(params, state, grads, opt=opt):
+                updates, state = opt.update(grads, state, params)
+                return optax.apply_updates(params, updates), state
+
+            state = jax.eval_shape(opt.init, params)
+            t0 = time.perf_counter()
+            lowered = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params)
+            t1 = time.perf_counter()
+            lowered.compile()
+            t2 = time.perf_counter()
+            trace[name].append(t1 - t0)
+            comp[name].append(t2 - t1)
+    base = statistics.median([a + b for a, b in zip(trace["adam"], comp["adam"])])
+    rows = {}
+    for name in names:
+        total = statistics.median([a + b for a, b in zip(trace[name], comp[name])])
+        rows[name] = {
+            "trace_s": statistics.median(trace[name]),
+            "compile_s": statistics.median(comp[name]),
+            "total_s": total,
+            "ratio": total / base,
+        }
+    return rows
+
+
+def memory(names: list[str], shapes: dict) -> dict[str, dict[str, float]]:
+    params = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s, jnp.float32), shapes, is_leaf=_is_shape
+    )
+    n_leaves = len(jax.tree.leaves(params))
+    rows = {}
+    for name in names:
+        opt = CANDIDATES[name]()
+        state = jax.eval_shape(opt.init, params)
+        state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+        compiled = _opt_step(opt).lower(params, state, params).compile()
+        m = compiled.memory_analysis()
+        peak = (
+            m.argument_size_in_bytes
+            + m.output_size_in_bytes
+            - m.alias_size_in_bytes
+            + m.temp_size_in_bytes
+        )
+        rows[name] = {
+            "state_bytes": int(state_bytes),
+            "temp_bytes": int(m.temp_size_in_bytes),
+            "peak_bytes": int(peak),
+        }
+    base = rows["adam"]
+    for r in rows.values():
+        r["state_extra_bytes"] = r["state_bytes"] - base["state_bytes"]
+        r["state_extra_per_leaf"] = r["state_extra_bytes"] / n_leaves
+        r["peak_ratio"] = r["peak_bytes"] / base["peak_bytes"]
+    return rows
+
+
+# ---------------------------------------------------------------------------
+# main
+
+
+def _fmt_ratio(r: float, target: float | None) -> str:
+    mark = "" if target is None else (" ok" if r <= target else " MISS")
+    return f"{r:5.3f}{mark}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="few rounds, small cases only")
+    parser.add_argument("--no-125m", action="store_true", help="skip the 125M-parameter tree")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds per case")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per round")
+    parser.add_argument(
+        "--cases", default="all", help="comma list of: opt30m,opt125m,resnet,leaves,"
+        "train-resnet,train-gpt,compile,memory"
+    )
+    parser.add_argument("--only", default=None, help="comma list of candidates (adam is added)")
+    parser.add_argument("--out", default="results/step_time.json")
+    args = parser.parse_args(argv)
+
+    names = list(CANDIDATES)
+    if args.only:
+        names = ["adam"] + [n for n in args.only.split(",") if n != "adam"]
+    cases = (
+        ["opt30m", "opt125m", "resnet", "leaves", "train-resnet", "train-gpt", "compile", "memory"]
+        if args.cases == "all"
+        else args.cases.split(",")
+    )
+    if args.no_125m or args.quick:
+        cases = [c for c in cases if c != "opt125m"]
+    rounds = args.rounds or (3 if args.quick else 10)
+    steps = args.steps or (3 if args.quick else 5)
+
+    results: dict[str, Any] = {
+        "meta": {
+            "jax": jax.__version__,
+            "optax": optax.__version__,
+            "adaptive_moments": am.__version__,
+            "device": str(jax.devices()[0].device_kind),
+            "cpu_count": os.cpu_count(),
+            "python": platform.python_version(),
+            "rounds": rounds,
+            "steps_per_round": steps,
+            "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        }
+    }
+
+    def report(title: str, rows: dict, target_of: Callable[[str], float | None]) -> None:
+        print(f"\n{title}")
+        print(f"  {'optimizer':<22} {'median ms':>10} {'IQR ms':>17} {'ratio':>10}")
+        for name, r in rows.items():
+            t = None if name == "adam" else target_of(name)
+            iqr = f"{r['iqr_ms'][0]:.2f}-{r['iqr_ms'][1]:.2f}"
+            print(f"  {name:<22} {r['median_ms']:>10.3f} {iqr:>17} {_fmt_ratio(r['ratio'], t):>10}")
+
+    opt_trees = {
+        "opt30m": ("GPT-like 30M", gpt_shapes(50257, 1024, 384, 6), False),
+        "opt125m": ("GPT-like 125M", gpt_shapes(50257, 1024, 768, 12), True),
+        "resnet": ("ResNet-20 tree", resnet20_shapes(), False),
+        "leaves": ("2,000 small leaves", small_leaves_shapes(2000), False),
+    }
+    for case, (label, shapes, fresh) in opt_trees.items():
+        if case not in cases:
+            continue
+        n = num_params(shapes)
+        n_leaves = len(jax.tree.leaves(shapes, is_leaf=_is_shape))
+        template = materialize(shapes, 0, 0.02)
+        grads = materialize(shapes, 1, 1e-3)
+        r = rounds if not fresh else max(3, rounds // 2)
+        times = interleaved(names, _opt_step, template, grads, r, steps, fresh=fresh)
+        rows = summarize(times)
+        title = f"optimizer-only step, {label}: {n / 1e6:.2f}M params, {n_leaves} leaves"
+        report(title, rows, TARGETS.get)
+        results[f"opt-{case}"] = {"params": n, "leaves": n_leaves, "rows": rows}
+        del template, grads, times
+        gc.collect()
+
+    if "train-resnet" in cases:
+        shapes = resnet20_shapes()
+        template = materialize(shapes, 0, 0.1)
+        key = jax.random.PRNGKey(2)
+        x = jax.random.normal(key, (32, 32, 32, 3))
+        y = jax.random.randint(key, (32,), 0, 10)
+
+        def resnet_loss(params, batch):
+            logits = resnet20_apply(params, batch[0])
+            return optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]).mean()
+
+        make = lambda opt: _train_step(opt, resnet_loss)  # noqa: E731
+        times = interleaved(names, make, template, (x, y), max(3, rounds // 2), steps)
+        rows = summarize(times)
+        report(
+            f"whole train step, ResNet-20 ({num_params(shapes) / 1e3:.0f}k params), batch 32",
+            rows,
+            lambda _: TRAIN_TARGET,
+        )
+        results["train-resnet20"] = {"params": num_params(shapes), "batch": 32, "rows": rows}
+
+    if "train-gpt" in cases:
+        shapes = gpt_shapes(65, 128, 128, 4)
+        template = materialize(shapes, 0, 0.02)
+        tokens = jax.random.randint(jax.random.PRNGKey(3), (16, 129), 0, 65)
+
+        def gpt_loss(params, batch):
+            logits = gpt_apply(params, batch[:, :-1], heads=4)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
+
+        make = lambda opt: _train_step(opt, gpt_loss)  # noqa: E731
+        times = interleaved(names, make, template, tokens, max(3, rounds // 2), steps)
+        rows = summarize(times)
+        report(
+            f"whole train step, char-GPT ({num_params(shapes) / 1e3:.0f}k params), "
+            "batch 16 x 128 tokens",
+            rows,
+            lambda _: TRAIN_TARGET,
+        )
+        results["train-chargpt"] = {"params": num_params(shapes), "batch": [16, 128], "rows": rows}
+
+    if "compile" in cases:
+        shapes = small_leaves_shapes(1000)
+        rows = compile_times(names, shapes, reps=2 if args.quick else 3)
+        print("\ntrace + compile of the optimizer step, 1,000 leaves")
+        print(f"  {'optimizer':<22} {'trace s':>8} {'compile s':>10} {'total s':>8} {'ratio':>10}")
+        for name, r in rows.items():
+            t = None if name == "adam" else COMPILE_TARGET
+            print(
+                f"  {name:<22} {r['trace_s']:>8.3f} {r['compile_s']:>10.3f} "
+                f"{r['total_s']:>8.3f} {_fmt_ratio(r['ratio'], t):>10}"
+            )
+        results["compile-1000"] = rows
+
+    if "memory" in cases:
+        shapes = gpt_shapes(50257, 1024, 384, 6)
+        rows = memory(names, shapes)
+        print("\nmemory, GPT-like 30M tree (f32)")
+        print(
+            f"  {'optimizer':<22} {'state MB':>9} {'extra B/leaf':>13} {'peak MB':>9} "
+            f"{'peak ratio':>11}"
+        )
+        for name, r in rows.items():
+            print(
+                f"  {name:<22} {r['state_bytes'] / 2**20:>9.1f} "
+                f"{r['state_extra_per_leaf']:>13.1f} {r['peak_bytes'] / 2**20:>9.1f} "
+                f"{r['peak_ratio']:>11.3f}"
+            )
+        results["memory-30m"] = rows
+
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

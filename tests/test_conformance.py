@@ -1,0 +1,489 @@
+"""The optax conformance contract, checked for every entry of the registry.
+
+Each test runs over ``_suite.ENTRIES`` (every transformation and alias with
+several option sets), mirroring optax's ``contrib/_common_test.py`` and the
+composition table of ``ecosystem.md`` §1.8: extra args, ``optax.chain``, no
+recompilation, ``inject_hyperparams``, ``MultiSteps``, ``apply_if_finite``,
+``masked`` / ``partition`` (and what per-layer statistics mean under them),
+``tree.map_params``, ``eval_shape``, ``None`` leaves, dtype stability,
+schedules, ``flax.nnx.Optimizer``, convergence and ``optax.flatten``.
+
+Expected values never come from a stored output of our code: they come from
+the same optimizer run another way (unwrapped vs wrapped, visible subtree vs
+masked tree, tree without its ``None`` leaves), from optax itself, or from the
+problem's known minimiser.
+
+Speed: an XLA compilation costs a few tenths of a second whatever its size,
+so the wrapper checks of one entry are traced into *one* jitted function
+(:func:`_wrapper_results`, computed once per entry and shared by the tests
+that read it); only what needs its own program (recompilation, ``lax.cond``
+dtype stability, MultiSteps under standard promotion, x64, the scans) gets one.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import _suite
+import adaptive_moments as am
+from _suite import ENTRIES, Entry
+
+ENTRY_PARAMS = [pytest.param(e, id=e.name) for e in ENTRIES]
+ALIAS_PARAMS = [pytest.param(e, id=e.name) for e in _suite.ALIASES]
+
+# Dense_0 (the largest layer) and Dense_2's bias hidden from the
+# transformation: the visible connection counts (6, 2) have another median and
+# maximum than the full tree's (12, 6, 2), and the visible layers other depths.
+MASK = {
+    "Dense_0": {"kernel": False, "bias": False},
+    "Dense_1": {"kernel": True, "bias": True},
+    "Dense_2": {"kernel": True, "bias": False},
+}
+LABELS = jax.tree.map(lambda m: "tx" if m else "sgd", MASK)
+
+
+def _visible(tree: Any) -> Any:
+    """The leaves the masked transformation sees, as a plain tree."""
+    return {
+        layer: {k: v for k, v in leaves.items() if MASK[layer][k]}
+        for layer, leaves in tree.items()
+        if any(MASK[layer].values())
+    }
+
+
+def _hidden(tree: Any) -> Any:
+    """``tree`` with the visible leaves replaced by ``None``."""
+    return jax.tree.map(lambda m, x: None if m else x, MASK, tree)
+
+
+def _with_none(tree: Any) -> Any:
+    """The MLP tree with ``None`` leaves: a bias and a whole entry."""
+    return {
+        "Dense_0": tree["Dense_0"],
+        "Dense_1": {"kernel": tree["Dense_1"]["kernel"], "bias": None},
+        "Dense_2": tree["Dense_2"],
+        "frozen": None,
+    }
+
+
+def _without_none(tree: Any) -> Any:
+    """The same tree with the ``None`` entries removed."""
+    return {
+        "Dense_0": tree["Dense_0"],
+        "Dense_1": {"kernel": tree["Dense_1"]["kernel"]},
+        "Dense_2": tree["Dense_2"],
+    }
+
+
+def _with_numeric_defaults(entry: Entry) -> dict[str, Any]:
+    """The entry's kwargs plus every numeric hyperparameter spelled out, so
+    that ``inject_hyperparams`` (which injects only what is passed) traces all
+    of them."""
+    kwargs = entry.all_kwargs()
+    for name, p in inspect.signature(entry.factory).parameters.items():
+        if name in kwargs or isinstance(p.default, bool):
+            continue
+        if isinstance(p.default, (int, float)):
+            kwargs[name] = p.default
+    return kwargs
+
+
+def _full_table(entry: Entry, params: Any) -> am.LayerTable:
+    layers = entry.kwargs.get("layers")
+    return layers(params) if callable(layers) else am.layer_table(params)
+
+
+def _two_steps(opt: optax.GradientTransformation, grads: Any, params: Any, **extra: Any):
+    """Two updates from ``init`` (the second at the moved params)."""
+    u1, s = opt.update(grads, opt.init(params), params, **extra)
+    return opt.update(grads, s, optax.apply_updates(params, u1), **extra)
+
+
+@functools.cache
+def _wrapper_results(name: str) -> dict[str, Any]:
+    """Everything the wrapper tests of one entry compare, in one jit."""
+    entry = _suite.BY_NAME[name]
+    tx = entry.make()  # deliberately not wrapped in with_extra_args_support
+    kwargs = _with_numeric_defaults(entry)
+    plain = entry.factory(**kwargs)
+    injected = optax.inject_hyperparams(entry.factory, static_args=entry.static_args)(**kwargs)
+    chained = optax.chain(optax.identity(), tx, optax.identity())
+    guarded = optax.apply_if_finite(tx, max_consecutive_errors=2)
+    masked = optax.masked(tx, MASK)
+    parted = optax.partition({"tx": tx, "sgd": optax.sgd(0.5)}, LABELS)
+    params = _suite.mlp_params()
+    table = _full_table(entry, params)
+    with_table = entry.make(layers=table) if entry.per_layer else tx
+    masked_table = optax.masked(with_table, MASK)
+    if entry.is_alias:
+        with_schedule = entry.make(learning_rate=optax.constant_schedule(entry.lr))
+
+    def run(params, grads, bad_grads):
+        out: dict[str, Any] = {}
+        # extra args (unwrapped) and optax.chain
+        out["alone"] = _two_steps(tx, grads, params, unexpected_extra_args_your_optimizer_doesnt_expect=1)
+        u, s = _two_steps(chained, grads, params, unexpected_extra_args_your_optimizer_doesnt_expect=1)
+        out["chained"] = (u, s[1])
+        # inject_hyperparams: two steps of each
+        grads2 = jax.tree.map(lambda g: -0.5 * g, grads)
+        for key, opt in (("plain", plain), ("injected", injected)):
+            u1, st = opt.update(grads, opt.init(params), params)
+            u2, st = opt.update(grads2, st, optax.apply_updates(params, u1))
+            out[key] = (u1, u2, st)
+        # apply_if_finite: finite, NaN, finite
+        s0 = guarded.init(params)
+        u1, s1 = guarded.update(grads, s0, params)
+        p1 = optax.apply_updates(params, u1)
+        u2, s2 = guarded.update(bad_grads, s1, p1)
+        u3, s3 = guarded.update(grads, s2, p1)
+        out["finite"] = (s1, u2, s2, u3, s3)
+        # masked and partition
+        out["masked"] = _two_steps(masked, grads, params)
+        out["parted"] = _two_steps(parted, grads, params)[0]
+        out["visible_alone"] = _two_steps(tx, _visible(grads), _visible(params))[0]
+        out["masked_table"] = _two_steps(masked_table, grads, params)[0]
+        out["full_table"] = _two_steps(with_table, grads, params)[0]
+        # None leaves
+        pn, gn = _with_none(params), _with_none(grads)
+        out["none"] = _two_steps(tx, gn, pn)
+        out["no_none"] = _two_steps(tx, _without_none(grads), _without_none(params))
+        # a constant schedule is the same as the float learning rate
+        if entry.is_alias:
+            for key, opt in (("lr", tx), ("schedule", with_schedule)):
+                def body(c, _, opt=opt):
+                    p, st = c
+                    u, st = opt.update(jax.grad(_suite.layered_parabola().loss)(p), st, p)
+                    return (optax.apply_updates(p, u), st), None
+                out[key] = jax.lax.scan(body, (params, opt.init(params)), length=10)[0][0]
+        return out
+
+    grads = _suite.mlp_grads(params)
+    bad = dict(grads, Dense_1=dict(grads["Dense_1"], bias=jnp.array([jnp.nan, 1.0])))
+    out = jax.jit(run)(params, grads, bad)
+    out["params"], out["grads"], out["table"] = params, grads, table
+    return out
+
+
+# ---------------------------------------------------------------------------
+# 1. extra args, optax.chain, no recompilation
+
+
+@pytest.mark.parametrize("entry", ENTRY_PARAMS)
+def test_extra_args_and_chain(entry: Entry) -> None:
+    out = _wrapper_results(entry.name)
+    u, s = out["alone"]
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(u))
+    # inside optax.chain the member gives the same updates and state
+    _suite.assert_trees_equal(out["chained"], (u, s), entry.name)
+
+
+@pytest.mark.parametrize("entry", ENTRY_PARAMS)
+def test_no_recompilation(entry: Entry) -> None:
+    tx = entry.make()
+    problem = _suite.layered_parabola()
+
+    @jax.jit
+    def step(params, state):
+        grads = jax.grad(problem.loss)(params)
+        updates, state = tx.update(grads, state, params, unexpected_extra_args_your_optimizer_doesnt_expect=1)
+        return optax.apply_updates(params, updates), state
+
+    state = tx.init(problem.init)
+    params, new_state = step(problem.init, state)
+    assert _suite.dtypes(new_state) == _suite.dtypes(state)
+    with _suite.log_compilations() as compiles:
+        jax.block_until_ready(step(params, new_state))
+    assert compiles == [], f"{entry.name} recompiles on the 2nd call: {compiles}"
+
+
+# ---------------------------------------------------------------------------
+# 2. inject_hyperparams
+
+
+@pytest.mark.parametrize("entry", ENTRY_PARAMS)
+def test_inject_hyperparams(entry: Entry) -> None:
+    out = _wrapper_results(entry.name)
+    u1, u2, state = out["plain"]
+    i1, i2, istate = out["injected"]
+    numeric = {
+        k for k, v in _with_numeric_defaults(entry).items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+    assert numeric and numeric <= set(istate.hyperparams), (numeric, set(istate.hyperparams))
+    _suite.assert_trees_close(i1, u1, rtol=1e-5, atol=1e-7, err_msg=entry.name)
+    _suite.assert_trees_close(i2, u2, rtol=1e-5, atol=1e-7, err_msg=entry.name)
+    _suite.assert_trees_close(istate.inner_state, state, rtol=1e-5, atol=1e-7, err_msg=entry.name)
+
+
+# ---------------------------------------------------------------------------
+# 3. MultiSteps
+
+
+@pytest.mark.parametrize("entry", ENTRY_PARAMS)
+def test_multi_steps_bf16_and_f32(entry: Entry) -> None:
+    tx = entry.make()
+    acc = optax.MultiSteps(tx, every_k_schedule=4)
+    trees = {d: _suite.mlp_params(jnp.dtype(d)) for d in ("bfloat16", "float32")}
+    grads = {d: _suite.mlp_grads(p) for d, p in trees.items()}
+
+    @jax.jit
+    def run(trees, grads):
+        res = {}
+        for d, params in trees.items():
+            state = acc.init(params)
+            outs = []
+            for _ in range(4):
+                u, state = acc.update(grads[d], state, params)
+                outs.append(u)
+            res[d] = (outs, state, tx.update(grads[d], tx.init(params), params))
+        return res
+
+    # optax's own accumulator adds bf16 grads to its f32 buffer, which the
+    # strict promotion of our conftest rejects: trace MultiSteps under the
+    # standard rules (our code itself is checked strict in the other tests).
+    with jax.numpy_dtype_promotion("standard"):
+        res = run(trees, grads)
+    for d, (outs, state, (plain_u, plain_s)) in res.items():
+        zeros = jax.tree.map(jnp.zeros_like, trees[d])
+        for u in outs[:3]:  # mini-steps emit exact zeros in the param dtype
+            _suite.assert_trees_equal(u, zeros, f"{entry.name} {d}")
+        # four identical gradients average to themselves: the emitted update
+        # is the plain optimizer's first one and the inner state moved once.
+        rtol = 1e-2 if d == "bfloat16" else 1e-6
+        _suite.assert_trees_close(outs[3], plain_u, rtol=rtol, atol=1e-6, err_msg=f"{entry.name} {d}")
+        assert _suite.dtypes(outs[3]) == _suite.dtypes(trees[d])
+        assert int(_suite.inner_state(state.inner_opt_state, entry.family).count) == 1
+        _suite.assert_trees_close(state.inner_opt_state, plain_s, rtol=rtol, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# 4. apply_if_finite
+
+
+@pytest.mark.parametrize("entry", ENTRY_PARAMS)
+def test_apply_if_finite(entry: Entry) -> None:
+    out = _wrapper_results(entry.name)
+    s1, u2, s2, u3, s3 = out["finite"]
+    assert bool(s1.last_finite)
+    assert not bool(s2.last_finite) and int(s2.notfinite_count) == 1
+    _suite.assert_trees_equal(u2, jax.tree.map(jnp.zeros_like, out["params"]), entry.name)
+    _suite.assert_trees_equal(s2.inner_state, s1.inner_state, entry.name)  # untouched
+    assert bool(s3.last_finite) and int(s3.notfinite_count) == 0
+    # the finite step after the rejected one is the plain optimizer's 2nd step
+    _suite.assert_trees_close(u3, out["alone"][0], rtol=1e-6, atol=1e-9, err_msg=entry.name)
+
+
+# ---------------------------------------------------------------------------
+# 5. masked / partition and the meaning of per-layer statistics under them
+
+
+@pytest.mark.parametrize("entry", ENTRY_PARAMS)
+def test_masked_and_partition(entry: Entry) -> None:
+    out = _wrapper_results(entry.name)
+    grads = out["grads"]
+    masked_u, masked_s = out["masked"]
+    # masked leaves pass through untouched; the inner state holds MaskedNode there
+    _suite.assert_trees_equal(_hidden(masked_u), _hidden(grads), entry.name)
+    inner = _suite.inner_state(masked_s.inner_state, entry.family)
+    assert isinstance(inner.mu["Dense_0"]["kernel"], optax.MaskedNode)
+    assert isinstance(inner.nu["Dense_2"]["bias"], optax.MaskedNode)
+    # partition: the sgd label gets -0.5 g, the other label the masked result
+    _suite.assert_trees_close(
+        _hidden(out["parted"]), jax.tree.map(lambda g: -0.5 * g, _hidden(grads))
+    )
+    _suite.assert_trees_equal(_visible(out["parted"]), _visible(masked_u), entry.name)
+
+    # layers=None (or a callable): the statistics come from the visible
+    # leaves only, i.e. exactly what the transformation does on that subtree.
+    _suite.assert_trees_close(
+        _visible(masked_u), out["visible_alone"], rtol=1e-6, atol=1e-9, err_msg=entry.name
+    )
+    full = _visible(out["alone"][0])
+    if entry.family == "caadam":
+        # ...which for CaAdam differs from the full tree's S (documented).
+        diff = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), _visible(masked_u), full)
+        assert max(jax.tree.leaves(diff)) > 1e-4, (entry.name, diff)
+    else:
+        # SET-Adam reduces per tensor and EXAdam is elementwise: masking
+        # other leaves never changes a visible leaf's update.
+        _suite.assert_trees_close(_visible(masked_u), full, rtol=1e-6, atol=1e-9)
+
+    # An explicit full table fixes the statistics: S of a visible leaf does
+    # not depend on what is masked (CaAdam), nor does the update (SET-Adam).
+    _suite.assert_trees_close(
+        _visible(out["masked_table"]), _visible(out["full_table"]), rtol=1e-6, atol=1e-9,
+        err_msg=entry.name,
+    )
+    if entry.factory is am.scale_by_connection_aware and not (
+        entry.kwargs.get("amsgrad") or entry.kwargs.get("eps_placement") == "keras"
+    ):
+        # ...and it is the full tree's S: masked update = S_full * optax's Adam.
+        params = out["params"]
+        adam = optax.scale_by_adam(eps=entry.kwargs.get("eps", 1e-8))
+        with jax.numpy_dtype_promotion("standard"):  # optax computes b1 ** int32 count
+            adam_u = _two_steps(adam, grads, params)[0]
+        kw = {k: entry.kwargs[k] for k in ("strategy", "gamma", "signed", "structure")
+              if k in entry.kwargs}
+        scales = am.caadam_scales(params, layers=out["table"], **kw)
+        expected = jax.tree.map(lambda s, u: jnp.float32(s) * u, scales, adam_u)
+        _suite.assert_trees_close(
+            _visible(out["masked_table"]), _visible(expected), rtol=1e-5, atol=1e-7,
+            err_msg=entry.name,
+        )
+
+
+# ---------------------------------------------------------------------------
+# 6. tree.map_params, eval_shape, None leaves
+
+
+@pytest.mark.parametrize("entry", ENTRY_PARAMS)
+def test_map_params_and_eval_shape(entry: Entry) -> None:
+    tx = entry.make()
+    params = _suite.mlp_params()
+    state = tx.init(params)
+    # map_params initialises on optax's empty placeholder tree to find the
+    # leaves that mirror params; those are mapped, the count is not.
+    mapped = optax.tree.map_params(tx, lambda v: v + 1, state)
+    inner, mapped_inner = (_suite.inner_state(s, entry.family) for s in (state, mapped))
+    _suite.assert_trees_equal(mapped_inner.count, inner.count)
+    _suite.assert_trees_equal(mapped_inner.mu, jax.tree.map(lambda m: m + 1, inner.mu))
+    _suite.assert_trees_equal(mapped_inner.nu, jax.tree.map(lambda v: v + 1, inner.nu))
+
+    abstract = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)
+    shapes = jax.eval_shape(tx.init, abstract)
+    expect = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), state)
+    assert jax.tree.structure(shapes) == jax.tree.structure(expect)
+    assert jax.tree.leaves(shapes) == jax.tree.leaves(expect)
+
+
+@pytest.mark.parametrize("entry", ENTRY_PARAMS)
+def test_none_leaves(entry: Entry) -> None:
+    out = _wrapper_results(entry.name)
+    updates, state = out["none"]
+    ref_u, ref_s = out["no_none"]
+    assert updates["frozen"] is None and updates["Dense_1"]["bias"] is None
+    inner = _suite.inner_state(state, entry.family)
+    assert inner.mu["frozen"] is None and inner.nu["Dense_1"]["bias"] is None
+    # the other leaves are updated as if the None entries did not exist
+    _suite.assert_trees_close(_without_none(updates), ref_u, rtol=1e-6, atol=1e-9, err_msg=entry.name)
+    _suite.assert_trees_close(
+        _without_none(inner.mu), _suite.inner_state(ref_s, entry.family).mu, rtol=1e-6
+    )
+
+
+# ---------------------------------------------------------------------------
+# 7. dtypes: updates in the param dtype, state dtype-stable under lax.cond
+
+
+def _cond_step(tx: optax.GradientTransformation, loss):
+    def step(params, state):
+        grads = jax.grad(loss)(params)
+        # defeat constant folding; cond needs identical branch output types
+        pick = jax.random.randint(jax.random.key(0), (), 0, 2) == 0
+        updates, new_state = jax.lax.cond(
+            pick, lambda: tx.update(grads, state, params), lambda: (params, state)
+        )
+        return updates, new_state
+
+    return step
+
+
+def _check_dtype_run(entry: Entry, tx, problems: dict) -> None:
+    """One jit stepping every dtype's problem once through ``_cond_step``."""
+    trees = {d: p.init for d, p in problems.items()}
+    steps = {d: _cond_step(tx, p.loss) for d, p in problems.items()}
+    states = {d: tx.init(p) for d, p in trees.items()}
+    run = jax.jit(lambda ps, ss: {d: steps[d](ps[d], ss[d]) for d in ps})
+    res = run(trees, states)
+    for d, (updates, new_state) in res.items():
+        assert _suite.dtypes(updates) == _suite.dtypes(trees[d]), (entry.name, d)
+        assert _suite.dtypes(new_state) == _suite.dtypes(states[d]), (entry.name, d)
+        assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates)), (entry.name, d)
+    # the new state has exactly the old types: a second call does not recompile
+    with _suite.log_compilations() as compiles:
+        jax.block_until_ready(run(trees, {d: r[1] for d, r in res.items()}))
+    assert compiles == [], compiles
+
+
+@pytest.mark.parametrize("entry", ENTRY_PARAMS)
+def test_dtype_stability_f16_bf16_f32(entry: Entry) -> None:
+    names = ("float16", "bfloat16", "float32")
+    _check_dtype_run(entry, entry.make(), {d: _suite.layered_parabola(jnp.dtype(d)) for d in names})
+
+
+@pytest.mark.parametrize("entry", ENTRY_PARAMS)
+def test_dtype_stability_f64(entry: Entry) -> None:
+    with jax.enable_x64(True):
+        problem = _suite.layered_parabola(jnp.float64)
+        assert jax.tree.leaves(problem.init)[0].dtype == jnp.float64
+        _check_dtype_run(entry, entry.make(), {"float64": problem})
+
+
+# ---------------------------------------------------------------------------
+# 8. learning-rate schedules
+
+
+@pytest.mark.parametrize("entry", ALIAS_PARAMS)
+def test_constant_schedule_equals_float_lr(entry: Entry) -> None:
+    out = _wrapper_results(entry.name)
+    moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), out["lr"], out["params"])
+    assert max(jax.tree.leaves(moved)) > 1e-3  # the 10 steps did move
+    _suite.assert_trees_close(out["schedule"], out["lr"], rtol=1e-6, err_msg=entry.name)
+
+
+# ---------------------------------------------------------------------------
+# 9. convergence inside jax.lax.scan (through optax.chain for transformations)
+
+
+@pytest.mark.parametrize("entry", ENTRY_PARAMS)
+def test_convergence(entry: Entry) -> None:
+    problems = [make() for make in _suite.PROBLEMS]
+    opt = entry.descent(entry.schedule())
+
+    @jax.jit
+    def run(inits):
+        finals = []
+        for problem, init in zip(problems, inits):
+            def body(carry, _, loss=problem.loss):
+                params, state = carry
+                updates, state = opt.update(jax.grad(loss)(params), state, params)
+                return (optax.apply_updates(params, updates), state), None
+
+            (params, _), _ = jax.lax.scan(body, (init, opt.init(init)), length=entry.steps)
+            finals.append(params)
+        return finals
+
+    finals = run([p.init for p in problems])
+    for problem, final in zip(problems, finals):
+        assert float(problem.loss(final)) < float(problem.loss(problem.init))
+        err = max(float(jnp.max(jnp.abs(a - b)))
+                  for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(problem.solution)))
+        assert err < entry.tol, f"{entry.name} on {problem.name}: max |x - x*| = {err:.3g}"
+
+
+# ---------------------------------------------------------------------------
+# 10. optax.flatten
+
+
+@pytest.mark.parametrize("entry", ENTRY_PARAMS)
+def test_flatten(entry: Entry) -> None:
+    params = _suite.mlp_params()
+    grads = _suite.mlp_grads(params)
+    flat = optax.flatten(entry.make())
+    if entry.per_layer:
+        # one concatenated vector would silently be one "layer"
+        with pytest.raises(ValueError, match="optax.flatten"):
+            flat.init(params)
+    else:
+        tx = entry.make()
+        u, s = _two_steps(flat, grads, params)
+        ref_u, _ = _two_steps(tx, grads, params)
+        _suite.assert_trees_close(u, ref_u, rtol=1e-6, atol=1e-9, err_msg=entry.name)
