@@ -75,6 +75,15 @@ def scale_by_connection_aware(
         count = _moments.increment(state.count)
         mu, nu = _moments.update_moments(updates, state.mu, state.nu, b1, b2)
 
+        def make_scalars(cd):
+            bc1 = 1 - _moments.decay_power(b1, count, cd)
+            bc2 = 1 - _moments.decay_power(b2, count, cd)
+            alpha = jnp.sqrt(bc2) / bc1 if eps_placement == "keras" else None
+            return bc1, bc2, jnp.asarray(eps, cd), alpha
+
+        # Scalars shared by all leaves of a dtype, built once (small traces).
+        scalars = _moments.per_dtype(make_scalars)
+
         if amsgrad and eps_placement == "keras":
             # Keras: max of the raw v, kept raw.
             nu_max = jax.tree.map(
@@ -89,7 +98,7 @@ def scale_by_connection_aware(
                 if v is None:
                     return None
                 cd = _moments.compute_dtype(v.dtype)
-                bc2 = 1 - _moments.decay_power(b2, count, cd)
+                bc2 = scalars(cd)[1]
                 return jnp.maximum(old.astype(cd), v.astype(cd) / bc2).astype(old.dtype)
 
             nu_max = jax.tree.map(corrected_max, state.nu_max, nu, is_leaf=_paths.is_none)
@@ -100,18 +109,15 @@ def scale_by_connection_aware(
             info = table.lookup(path, who)
             cd = _moments.compute_dtype(g.dtype)
             s = _scaling.broadcast_scale(scales[path], g.shape, info.stack_axis, cd)
-            m = m.astype(cd)
-            e = jnp.asarray(eps, cd)
-            bc1 = 1 - _moments.decay_power(b1, count, cd)
-            bc2 = 1 - _moments.decay_power(b2, count, cd)
+            m = _moments.cast(m, cd)
+            bc1, bc2, e, alpha = scalars(cd)
             if eps_placement == "keras":
-                v_used = (vmax if amsgrad else v).astype(cd)
-                alpha = jnp.sqrt(bc2) / bc1
+                v_used = _moments.cast(vmax if amsgrad else v, cd)
                 out = (s * alpha) * m / (jnp.sqrt(v_used) + e)
             else:
-                v_hat = vmax.astype(cd) if amsgrad else v.astype(cd) / bc2
+                v_hat = _moments.cast(vmax, cd) if amsgrad else _moments.cast(v, cd) / bc2
                 out = s * (m / bc1) / (jnp.sqrt(v_hat) + e)
-            return out.astype(g.dtype)
+            return _moments.cast(out, g.dtype)
 
         vmax_tree = nu_max if amsgrad else nu
         new_updates = _paths.map_with_path(direction, updates, mu, nu, vmax_tree)

@@ -176,7 +176,7 @@ class LayerInfo:
 
 
 def _format_depth(depth: tuple[int, ...]) -> str:
-    if len(depth) == 1:
+    if len(set(depth)) == 1:  # unstacked, or parallel slices (a vmap ensemble)
         return str(depth[0])
     steps = {b - a for a, b in zip(depth, depth[1:])}
     if steps == {1}:
@@ -246,6 +246,13 @@ class LayerTable(Mapping[str, LayerInfo]):
         ``params`` collection under paths without the ``params/`` prefix; a
         path with that prefix is looked up without it (and the other way
         round), so one table serves ``variables`` and ``variables['params']``.
+
+        Example:
+          >>> import jax.numpy as jnp
+          >>> import adaptive_moments as am
+          >>> table = am.layer_table({'params': {'d': {'kernel': jnp.zeros((2, 3))}}})
+          >>> table.lookup('params/d/kernel', 'me').path
+          'd/kernel'
         """
         row = self._by_path.get(path)
         if row is not None:
@@ -814,7 +821,8 @@ def layer_table(
       ...           'Dense_2': {'kernel': jnp.zeros((3, 4)), 'bias': jnp.zeros(4)}}
       >>> table = am.layer_table(params)
       >>> [(r.path, r.depth) for r in table.rows]
-      [('Dense_2/kernel', (0,)), ('Dense_2/bias', (0,)), ('Dense_10/kernel', (1,)), ('Dense_10/bias', (1,))]
+      [('Dense_2/kernel', (0,)), ('Dense_2/bias', (0,)),
+       ('Dense_10/kernel', (1,)), ('Dense_10/bias', (1,))]
       >>> am.layer_table(params, order=['Dense_10', 'Dense_2'])['Dense_2/kernel'].depth
       (1,)
     """

@@ -9,6 +9,7 @@ storage, and every scalar is cast explicitly so no promotion rule is relied on.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -38,25 +39,54 @@ def init_moments(params: Any, mu_dtype: Any) -> tuple[Any, Any]:
     return mu, nu
 
 
-def _ema(decay: Any, old: Any, new_term: Any) -> Any:
-    cd = compute_dtype(old.dtype)
+def per_dtype(make: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """Memoises ``make(dtype)`` for one update: per-dtype scalars built once.
+
+    Bias corrections and decay constants are the same for every leaf of a
+    dtype; building them once per update instead of once per leaf keeps the
+    traced program small (trace and compile time grow with its size on trees
+    of thousands of leaves). The ops are the same, so the numerics are too.
+    """
+    cache: dict[Any, Any] = {}
+
+    def get(dtype: Any) -> Any:
+        key = jnp.dtype(dtype)
+        if key not in cache:
+            cache[key] = make(key)
+        return cache[key]
+
+    return get
+
+
+def cast(x: Any, dtype: Any) -> Any:
+    """``x.astype(dtype)``, skipped when it is already of that dtype."""
+    return x if x.dtype == dtype else x.astype(dtype)
+
+
+def _ema_coefficients(decay: Any, cd: Any) -> tuple[Any, Any]:
     d = jnp.asarray(decay, cd)
-    return (d * old.astype(cd) + (jnp.asarray(1, cd) - d) * new_term).astype(old.dtype)
+    return d, jnp.asarray(1, cd) - d
 
 
 def update_moments(updates: Any, mu: Any, nu: Any, b1: Any, b2: Any) -> tuple[Any, Any]:
     """``mu = b1 mu + (1-b1) g``, ``nu = b2 nu + (1-b2) g^2``, dtype-stable."""
+    coef1 = per_dtype(lambda cd: _ema_coefficients(b1, cd))
+    coef2 = per_dtype(lambda cd: _ema_coefficients(b2, cd))
 
     def one_mu(g, m):
         if g is None:
             return None
-        return _ema(b1, m, g.astype(compute_dtype(m.dtype)))
+        cd = compute_dtype(m.dtype)
+        d, one_minus_d = coef1(cd)
+        return cast(d * cast(m, cd) + one_minus_d * cast(g, cd), m.dtype)
 
     def one_nu(g, v):
         if g is None:
             return None
-        g = g.astype(compute_dtype(v.dtype))
-        return _ema(b2, v, g * g)
+        cd = compute_dtype(v.dtype)
+        d, one_minus_d = coef2(cd)
+        g = cast(g, cd)
+        return cast(d * cast(v, cd) + one_minus_d * (g * g), v.dtype)
 
     new_mu = jax.tree.map(one_mu, updates, mu, is_leaf=_paths.is_none)
     new_nu = jax.tree.map(one_nu, updates, nu, is_leaf=_paths.is_none)

@@ -50,7 +50,9 @@ def normalize_path(path: Sequence[Any] | str) -> str:
     else:
         parts = [_key_str(k) for k in path]
         keys_are_attrs = [isinstance(k, jax.tree_util.GetAttrKey) for k in path]
-    if parts and parts[-1] == "value" and (keys_are_attrs[-1] or len(parts) > 1):
+    # Only an attribute key is a box's `.value`; a string or dict key named
+    # "value" is a real name (attention's `value` projection).
+    if parts and parts[-1] == "value" and keys_are_attrs[-1]:
         parts = parts[:-1]
     return "/".join(parts)
 

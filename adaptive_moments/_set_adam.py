@@ -58,6 +58,16 @@ def scale_by_set_adam(
         table = _layers.resolve_table(layers, updates, who) if layers is not None else None
         count = _moments.increment(state.count)
         mu, nu = _moments.update_moments(updates, state.mu, state.nu, b1, b2)
+        # Scalars shared by all leaves of a dtype, built once (small traces).
+        scalars = _moments.per_dtype(
+            lambda cd: (
+                1 - _moments.decay_power(b1, count, cd),
+                1 - _moments.decay_power(b2, count, cd),
+                jnp.asarray(eps, cd),
+                jnp.asarray(tau, cd),
+                jnp.asarray(COS_GUARD, cd),
+            )
+        )
 
         def direction(path, g, m, v):
             if g.size == 0:
@@ -66,9 +76,8 @@ def scale_by_set_adam(
             if table is not None:
                 stack_axis = table.lookup(path, who).stack_axis
             cd = _moments.compute_dtype(g.dtype)
-            v = v.astype(cd)
-            bc1 = 1 - _moments.decay_power(b1, count, cd)
-            bc2 = 1 - _moments.decay_power(b2, count, cd)
+            v = _moments.cast(v, cd)
+            bc1, bc2, e, tau_cd, guard = scalars(cd)
             s1, s2, vmin, d = _reductions.layer_statistics(
                 v, stack_axis, _reductions.axes_for(axis_name, path)
             )
@@ -76,14 +85,13 @@ def scale_by_set_adam(
             # as mu * sum(v) with mu = sum(v) / d (the reference's order): squaring
             # sum(v) first overflows float32 sqrt(d) times earlier than sum(v^2).
             mean = s1 / jnp.asarray(d, cd)
-            s = (mean * s1) / (s2 + jnp.asarray(COS_GUARD, cd))
+            s = (mean * s1) / (s2 + guard)
             # (2) eps inside the sqrt, after bias correction.
-            e = jnp.asarray(eps, cd)
             w = jnp.sqrt(s * v / bc2 + e)
             w_min = jnp.sqrt(s * vmin / bc2 + e)
             # (3) down-translation by tau * min(w) of the layer.
-            denom = w - jnp.asarray(tau, cd) * w_min
-            return (m.astype(cd) / (bc1 * denom)).astype(g.dtype)
+            denom = w - tau_cd * w_min
+            return _moments.cast(_moments.cast(m, cd) / (bc1 * denom), g.dtype)
 
         new_updates = _paths.map_with_path(direction, updates, mu, nu)
         mu = optax.tree.cast(mu, mu_dtype)

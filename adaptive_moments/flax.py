@@ -328,7 +328,8 @@ def linen_layer_table(
       ...     return nn.Dense(1, name='a_second')(x)
       >>> table = am.flax.linen_layer_table(Net(), jnp.zeros((1, 8)))
       >>> [(r.path, r.depth[0], r.fan_in, r.fan_out) for r in table.rows]
-      [('z_first/kernel', 0, 8, 16), ('z_first/bias', 0, 0, 0), ('a_second/kernel', 1, 16, 1), ('a_second/bias', 1, 0, 0)]
+      [('z_first/kernel', 0, 8, 16), ('z_first/bias', 0, 0, 0),
+       ('a_second/kernel', 1, 16, 1), ('a_second/bias', 1, 0, 0)]
     """
     _check_depth(depth)
     if rngs is None:
@@ -490,7 +491,8 @@ def nnx_layer_table(
       ...     return self.a_second(jax.nn.relu(self.z_first(x)))
       >>> table = am.flax.nnx_layer_table(Net(nnx.Rngs(0)), jnp.zeros((1, 8)))
       >>> [(r.path, r.depth[0], r.connections) for r in table.rows]
-      [('z_first/kernel', 0, 128), ('z_first/bias', 0, 0), ('a_second/kernel', 1, 16), ('a_second/bias', 1, 0)]
+      [('z_first/kernel', 0, 128), ('z_first/bias', 0, 0),
+       ('a_second/kernel', 1, 16), ('a_second/bias', 1, 0)]
     """
     _check_depth(depth)
     dyn, rebuild = _split_args(example_args, example_kwargs)

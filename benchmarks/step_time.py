@@ -33,6 +33,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -74,8 +75,8 @@ COMPILE_TARGET = 2.0
 # parameter trees (shapes only; values are random)
 
 
-def gpt_shapes(vocab: int, block: int, d: int, layers: int) -> dict:
-    """A nanoGPT-style tree (untied head), one sub-dict per block."""
+def gpt_shapes(vocab: int, block: int, d: int, layers: int, tied: bool = True) -> dict:
+    """A nanoGPT-style tree, one sub-dict per block (GPT-2 ties the head)."""
     tree: dict[str, Any] = {"wte": {"embedding": (vocab, d)}, "wpe": {"embedding": (block, d)}}
     for i in range(layers):
         tree[f"h{i}"] = {
@@ -87,7 +88,8 @@ def gpt_shapes(vocab: int, block: int, d: int, layers: int) -> dict:
             "mlp_proj": {"kernel": (4 * d, d), "bias": (d,)},
         }
     tree["ln_f"] = {"scale": (d,), "bias": (d,)}
-    tree["head"] = {"kernel": (d, vocab)}
+    if not tied:
+        tree["head"] = {"kernel": (d, vocab)}
     return tree
 
 
@@ -177,7 +179,7 @@ def gpt_apply(params: dict, tokens: jax.Array, heads: int) -> jax.Array:
     x = params["wte"]["embedding"][tokens] + params["wpe"]["embedding"][:t]
     d = x.shape[-1]
     mask = jnp.tril(jnp.ones((t, t), bool))
-    layers = sum(1 for k in params if k.startswith("h"))
+    layers = sum(1 for k in params if re.fullmatch(r"h\d+", k))
     for i in range(layers):
         p = params[f"h{i}"]
         h = ln(x, p["ln_1"])
@@ -469,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         results["train-resnet20"] = {"params": num_params(shapes), "batch": 32, "rows": rows}
 
     if "train-gpt" in cases:
-        shapes = gpt_shapes(65, 128, 128, 4)
+        shapes = gpt_shapes(65, 128, 128, 4, tied=False)
         template = materialize(shapes, 0, 0.02)
         tokens = jax.random.randint(jax.random.PRNGKey(3), (16, 129), 0, 65)
 

@@ -230,6 +230,30 @@ def layered_parabola(dtype: Any = jnp.float32) -> Problem:
 
 PROBLEMS: tuple[Callable[..., Problem], ...] = (parabola, rosenbrock, layered_parabola)
 
+# A 3-leaf tree for the checks that compile one program per dtype: XLA's
+# compile time grows with the number of leaves, and two kernels of different
+# sizes plus a 1-element bias still give CaAdam an S != 1 and SET-Adam a d = 1
+# layer.
+SMALL_SHAPES = {"Dense_0": {"kernel": (3, 2)}, "Dense_1": {"kernel": (2, 1), "bias": (1,)}}
+
+
+def small_problem(dtype: Any = jnp.float32) -> Problem:
+    """Sum of squared distances of a 3-leaf tree to a fixed target."""
+    rng = np.random.default_rng(2)
+    init, solution = (
+        jax.tree.map(
+            lambda shape: jnp.asarray(rng.standard_normal(shape), dtype),
+            SMALL_SHAPES,
+            is_leaf=lambda x: isinstance(x, tuple),
+        )
+        for _ in range(2)
+    )
+
+    def loss(p):
+        return sum(jax.tree.leaves(jax.tree.map(lambda a, b: jnp.sum((a - b) ** 2), p, solution)))
+
+    return Problem("small", init, solution, loss)
+
 
 def mlp_grads(params: Any) -> Any:
     """Gradient of a fixed quadratic at ``params`` (differs per element)."""

@@ -101,10 +101,23 @@ def _full_table(entry: Entry, params: Any) -> am.LayerTable:
     return layers(params) if callable(layers) else am.layer_table(params)
 
 
-def _two_steps(opt: optax.GradientTransformation, grads: Any, params: Any, **extra: Any):
-    """Two updates from ``init`` (the second at the moved params)."""
-    u1, s = opt.update(grads, opt.init(params), params, **extra)
-    return opt.update(grads, s, optax.apply_updates(params, u1), **extra)
+def _steps(opt: optax.GradientTransformation, grads_seq: list, params: Any, **extra: Any):
+    """Updates and states of ``opt`` from ``init`` for each gradient tree of
+    ``grads_seq``, the params moved by every update.
+
+    Unrolled on purpose: XLA compile time, not run time, dominates these
+    tests, and on CPU a ``lax.scan`` (worse, one holding a ``lax.cond``)
+    compiled several times slower than a few unrolled updates.
+
+    Returns:
+      ``[(updates, state), ...]``, one pair per step.
+    """
+    out, state = [], opt.init(params)
+    for grads in grads_seq:
+        updates, state = opt.update(grads, state, params, **extra)
+        params = optax.apply_updates(params, updates)
+        out.append((updates, state))
+    return out
 
 
 @functools.cache
@@ -112,57 +125,39 @@ def _wrapper_results(name: str) -> dict[str, Any]:
     """Everything the wrapper tests of one entry compare, in one jit."""
     entry = _suite.BY_NAME[name]
     tx = entry.make()  # deliberately not wrapped in with_extra_args_support
-    kwargs = _with_numeric_defaults(entry)
-    plain = entry.factory(**kwargs)
-    injected = optax.inject_hyperparams(entry.factory, static_args=entry.static_args)(**kwargs)
+    injected = optax.inject_hyperparams(entry.factory, static_args=entry.static_args)(
+        **_with_numeric_defaults(entry)
+    )
     chained = optax.chain(optax.identity(), tx, optax.identity())
     guarded = optax.apply_if_finite(tx, max_consecutive_errors=2)
     masked = optax.masked(tx, MASK)
     parted = optax.partition({"tx": tx, "sgd": optax.sgd(0.5)}, LABELS)
     params = _suite.mlp_params()
     table = _full_table(entry, params)
-    with_table = entry.make(layers=table) if entry.per_layer else tx
-    masked_table = optax.masked(with_table, MASK)
-    if entry.is_alias:
-        with_schedule = entry.make(learning_rate=optax.constant_schedule(entry.lr))
+    extra = {"unexpected_extra_args_your_optimizer_doesnt_expect": 1}
 
-    def run(params, grads, bad_grads):
+    def run(params, grads, bad):
+        # Two steps where the second one matters (state fed back, count > 1),
+        # one elsewhere: every unrolled update adds to the compile time.
         out: dict[str, Any] = {}
-        # extra args (unwrapped) and optax.chain
-        out["alone"] = _two_steps(tx, grads, params, unexpected_extra_args_your_optimizer_doesnt_expect=1)
-        u, s = _two_steps(chained, grads, params, unexpected_extra_args_your_optimizer_doesnt_expect=1)
-        out["chained"] = (u, s[1])
-        # inject_hyperparams: two steps of each
-        grads2 = jax.tree.map(lambda g: -0.5 * g, grads)
-        for key, opt in (("plain", plain), ("injected", injected)):
-            u1, st = opt.update(grads, opt.init(params), params)
-            u2, st = opt.update(grads2, st, optax.apply_updates(params, u1))
-            out[key] = (u1, u2, st)
-        # apply_if_finite: finite, NaN, finite
-        s0 = guarded.init(params)
-        u1, s1 = guarded.update(grads, s0, params)
-        p1 = optax.apply_updates(params, u1)
-        u2, s2 = guarded.update(bad_grads, s1, p1)
-        u3, s3 = guarded.update(grads, s2, p1)
-        out["finite"] = (s1, u2, s2, u3, s3)
-        # masked and partition
-        out["masked"] = _two_steps(masked, grads, params)
-        out["parted"] = _two_steps(parted, grads, params)[0]
-        out["visible_alone"] = _two_steps(tx, _visible(grads), _visible(params))[0]
-        out["masked_table"] = _two_steps(masked_table, grads, params)[0]
-        out["full_table"] = _two_steps(with_table, grads, params)[0]
-        # None leaves
-        pn, gn = _with_none(params), _with_none(grads)
-        out["none"] = _two_steps(tx, gn, pn)
-        out["no_none"] = _two_steps(tx, _without_none(grads), _without_none(params))
-        # a constant schedule is the same as the float learning rate
+        out["alone"] = _steps(tx, [grads, grads], params, **extra)
+        out["chained"] = _steps(chained, [grads], params, **extra)
+        out["injected"] = _steps(injected, [grads, grads], params)
+        out["finite"] = _steps(guarded, [grads, bad, grads], params)
+        out["masked"] = _steps(masked, [grads, grads], params)
+        out["parted"] = _steps(parted, [grads], params)
+        out["visible_alone"] = _steps(tx, [_visible(grads)] * 2, _visible(params))
+        if entry.per_layer:  # with an explicit full table
+            with_table = entry.make(layers=table)
+            out["masked_table"] = _steps(optax.masked(with_table, MASK), [grads], params)
+            out["full_table"] = _steps(with_table, [grads], params)
+        else:  # nothing per layer: the same transformations as above
+            out["masked_table"], out["full_table"] = out["masked"], out["alone"]
+        out["none"] = _steps(tx, [_with_none(grads)] * 2, _with_none(params))
+        out["no_none"] = _steps(tx, [_without_none(grads)] * 2, _without_none(params))
         if entry.is_alias:
-            for key, opt in (("lr", tx), ("schedule", with_schedule)):
-                def body(c, _, opt=opt):
-                    p, st = c
-                    u, st = opt.update(jax.grad(_suite.layered_parabola().loss)(p), st, p)
-                    return (optax.apply_updates(p, u), st), None
-                out[key] = jax.lax.scan(body, (params, opt.init(params)), length=10)[0][0]
+            lr = optax.constant_schedule(entry.lr)
+            out["schedule"] = _steps(entry.make(learning_rate=lr), [grads], params)
         return out
 
     grads = _suite.mlp_grads(params)
@@ -173,35 +168,17 @@ def _wrapper_results(name: str) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------
-# 1. extra args, optax.chain, no recompilation
+# 1. extra args and optax.chain (no recompilation: see the dtype test)
 
 
 @pytest.mark.parametrize("entry", ENTRY_PARAMS)
 def test_extra_args_and_chain(entry: Entry) -> None:
     out = _wrapper_results(entry.name)
-    u, s = out["alone"]
-    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(u))
+    for u, _ in out["alone"]:  # called with an unexpected keyword, unwrapped
+        assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(u))
     # inside optax.chain the member gives the same updates and state
-    _suite.assert_trees_equal(out["chained"], (u, s), entry.name)
-
-
-@pytest.mark.parametrize("entry", ENTRY_PARAMS)
-def test_no_recompilation(entry: Entry) -> None:
-    tx = entry.make()
-    problem = _suite.layered_parabola()
-
-    @jax.jit
-    def step(params, state):
-        grads = jax.grad(problem.loss)(params)
-        updates, state = tx.update(grads, state, params, unexpected_extra_args_your_optimizer_doesnt_expect=1)
-        return optax.apply_updates(params, updates), state
-
-    state = tx.init(problem.init)
-    params, new_state = step(problem.init, state)
-    assert _suite.dtypes(new_state) == _suite.dtypes(state)
-    with _suite.log_compilations() as compiles:
-        jax.block_until_ready(step(params, new_state))
-    assert compiles == [], f"{entry.name} recompiles on the 2nd call: {compiles}"
+    (u, s), (cu, cs) = out["alone"][0], out["chained"][0]
+    _suite.assert_trees_equal((cu, cs[1]), (u, s), entry.name)
 
 
 # ---------------------------------------------------------------------------
@@ -211,16 +188,14 @@ def test_no_recompilation(entry: Entry) -> None:
 @pytest.mark.parametrize("entry", ENTRY_PARAMS)
 def test_inject_hyperparams(entry: Entry) -> None:
     out = _wrapper_results(entry.name)
-    u1, u2, state = out["plain"]
-    i1, i2, istate = out["injected"]
     numeric = {
         k for k, v in _with_numeric_defaults(entry).items()
         if isinstance(v, (int, float)) and not isinstance(v, bool)
     }
-    assert numeric and numeric <= set(istate.hyperparams), (numeric, set(istate.hyperparams))
-    _suite.assert_trees_close(i1, u1, rtol=1e-5, atol=1e-7, err_msg=entry.name)
-    _suite.assert_trees_close(i2, u2, rtol=1e-5, atol=1e-7, err_msg=entry.name)
-    _suite.assert_trees_close(istate.inner_state, state, rtol=1e-5, atol=1e-7, err_msg=entry.name)
+    for (u, state), (iu, istate) in zip(out["alone"], out["injected"]):
+        assert numeric and numeric <= set(istate.hyperparams), (numeric, set(istate.hyperparams))
+        _suite.assert_trees_close(iu, u, rtol=1e-5, atol=1e-7, err_msg=entry.name)
+        _suite.assert_trees_close(istate.inner_state, state, rtol=1e-5, atol=1e-7, err_msg=entry.name)
 
 
 # ---------------------------------------------------------------------------
@@ -231,35 +206,41 @@ def test_inject_hyperparams(entry: Entry) -> None:
 def test_multi_steps_bf16_and_f32(entry: Entry) -> None:
     tx = entry.make()
     acc = optax.MultiSteps(tx, every_k_schedule=4)
-    trees = {d: _suite.mlp_params(jnp.dtype(d)) for d in ("bfloat16", "float32")}
-    grads = {d: _suite.mlp_grads(p) for d, p in trees.items()}
+    problems = {d: _suite.small_problem(jnp.dtype(d)) for d in ("bfloat16", "float32")}
+    trees = {d: p.init for d, p in problems.items()}
+    grads = {d: jax.grad(p.loss)(p.init) for d, p in problems.items()}
 
     @jax.jit
-    def run(trees, grads):
-        res = {}
-        for d, params in trees.items():
-            state = acc.init(params)
-            outs = []
-            for _ in range(4):
-                u, state = acc.update(grads[d], state, params)
-                outs.append(u)
-            res[d] = (outs, state, tx.update(grads[d], tx.init(params), params))
-        return res
+    def one(grads, states, trees):
+        """One MultiSteps update per dtype, and the plain first update."""
+        return {
+            d: (acc.update(grads[d], states[d], p), tx.update(grads[d], tx.init(p), p))
+            for d, p in trees.items()
+        }
 
-    # optax's own accumulator adds bf16 grads to its f32 buffer, which the
-    # strict promotion of our conftest rejects: trace MultiSteps under the
-    # standard rules (our code itself is checked strict in the other tests).
+    # optax's accumulator mixes its int32 step and f32 buffer with the grads,
+    # which the strict promotion of our conftest rejects: trace MultiSteps
+    # under the standard rules (our code itself is strict in the other tests).
     with jax.numpy_dtype_promotion("standard"):
-        res = run(trees, grads)
-    for d, (outs, state, (plain_u, plain_s)) in res.items():
+        states = {d: acc.init(p) for d, p in trees.items()}
+        emitted: dict[str, list] = {d: [] for d in trees}
+        res = one(grads, states, trees)
+        with _suite.log_compilations() as compiles:  # the state types are stable
+            for _ in range(3):
+                for d, ((u, st), _) in res.items():
+                    emitted[d].append(u)
+                    states[d] = st
+                res = one(grads, states, trees)
+        assert compiles == [], compiles
+    for d, ((u, state), (plain_u, plain_s)) in res.items():
         zeros = jax.tree.map(jnp.zeros_like, trees[d])
-        for u in outs[:3]:  # mini-steps emit exact zeros in the param dtype
-            _suite.assert_trees_equal(u, zeros, f"{entry.name} {d}")
+        for mini in emitted[d]:  # mini-steps emit exact zeros in the param dtype
+            _suite.assert_trees_equal(mini, zeros, f"{entry.name} {d}")
         # four identical gradients average to themselves: the emitted update
         # is the plain optimizer's first one and the inner state moved once.
         rtol = 1e-2 if d == "bfloat16" else 1e-6
-        _suite.assert_trees_close(outs[3], plain_u, rtol=rtol, atol=1e-6, err_msg=f"{entry.name} {d}")
-        assert _suite.dtypes(outs[3]) == _suite.dtypes(trees[d])
+        _suite.assert_trees_close(u, plain_u, rtol=rtol, atol=1e-6, err_msg=f"{entry.name} {d}")
+        assert _suite.dtypes(u) == _suite.dtypes(trees[d])
         assert int(_suite.inner_state(state.inner_opt_state, entry.family).count) == 1
         _suite.assert_trees_close(state.inner_opt_state, plain_s, rtol=rtol, atol=1e-6)
 
@@ -271,14 +252,15 @@ def test_multi_steps_bf16_and_f32(entry: Entry) -> None:
 @pytest.mark.parametrize("entry", ENTRY_PARAMS)
 def test_apply_if_finite(entry: Entry) -> None:
     out = _wrapper_results(entry.name)
-    s1, u2, s2, u3, s3 = out["finite"]
+    (_, s1), (u2, s2), (u3, s3) = out["finite"]
     assert bool(s1.last_finite)
     assert not bool(s2.last_finite) and int(s2.notfinite_count) == 1
     _suite.assert_trees_equal(u2, jax.tree.map(jnp.zeros_like, out["params"]), entry.name)
     _suite.assert_trees_equal(s2.inner_state, s1.inner_state, entry.name)  # untouched
     assert bool(s3.last_finite) and int(s3.notfinite_count) == 0
     # the finite step after the rejected one is the plain optimizer's 2nd step
-    _suite.assert_trees_close(u3, out["alone"][0], rtol=1e-6, atol=1e-9, err_msg=entry.name)
+    _suite.assert_trees_close(u3, out["alone"][1][0], rtol=1e-6, atol=1e-9, err_msg=entry.name)
+    _suite.assert_trees_close(s3.inner_state, out["alone"][1][1], rtol=1e-6, atol=1e-9)
 
 
 # ---------------------------------------------------------------------------
@@ -289,24 +271,23 @@ def test_apply_if_finite(entry: Entry) -> None:
 def test_masked_and_partition(entry: Entry) -> None:
     out = _wrapper_results(entry.name)
     grads = out["grads"]
-    masked_u, masked_s = out["masked"]
+    masked_u, masked_s = out["masked"][1]  # second step: past bias correction's t=1
     # masked leaves pass through untouched; the inner state holds MaskedNode there
     _suite.assert_trees_equal(_hidden(masked_u), _hidden(grads), entry.name)
     inner = _suite.inner_state(masked_s.inner_state, entry.family)
     assert isinstance(inner.mu["Dense_0"]["kernel"], optax.MaskedNode)
     assert isinstance(inner.nu["Dense_2"]["bias"], optax.MaskedNode)
     # partition: the sgd label gets -0.5 g, the other label the masked result
-    _suite.assert_trees_close(
-        _hidden(out["parted"]), jax.tree.map(lambda g: -0.5 * g, _hidden(grads))
-    )
-    _suite.assert_trees_equal(_visible(out["parted"]), _visible(masked_u), entry.name)
+    parted = out["parted"][0][0]
+    _suite.assert_trees_close(_hidden(parted), jax.tree.map(lambda g: -0.5 * g, _hidden(grads)))
+    _suite.assert_trees_equal(_visible(parted), _visible(out["masked"][0][0]), entry.name)
 
     # layers=None (or a callable): the statistics come from the visible
     # leaves only, i.e. exactly what the transformation does on that subtree.
     _suite.assert_trees_close(
-        _visible(masked_u), out["visible_alone"], rtol=1e-6, atol=1e-9, err_msg=entry.name
+        _visible(masked_u), out["visible_alone"][1][0], rtol=1e-6, atol=1e-9, err_msg=entry.name
     )
-    full = _visible(out["alone"][0])
+    full = _visible(out["alone"][1][0])
     if entry.family == "caadam":
         # ...which for CaAdam differs from the full tree's S (documented).
         diff = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), _visible(masked_u), full)
@@ -318,9 +299,9 @@ def test_masked_and_partition(entry: Entry) -> None:
 
     # An explicit full table fixes the statistics: S of a visible leaf does
     # not depend on what is masked (CaAdam), nor does the update (SET-Adam).
+    masked_table = _visible(out["masked_table"][0][0])
     _suite.assert_trees_close(
-        _visible(out["masked_table"]), _visible(out["full_table"]), rtol=1e-6, atol=1e-9,
-        err_msg=entry.name,
+        masked_table, _visible(out["full_table"][0][0]), rtol=1e-6, atol=1e-9, err_msg=entry.name
     )
     if entry.factory is am.scale_by_connection_aware and not (
         entry.kwargs.get("amsgrad") or entry.kwargs.get("eps_placement") == "keras"
@@ -329,14 +310,13 @@ def test_masked_and_partition(entry: Entry) -> None:
         params = out["params"]
         adam = optax.scale_by_adam(eps=entry.kwargs.get("eps", 1e-8))
         with jax.numpy_dtype_promotion("standard"):  # optax computes b1 ** int32 count
-            adam_u = _two_steps(adam, grads, params)[0]
+            adam_u = adam.update(grads, adam.init(params))[0]
         kw = {k: entry.kwargs[k] for k in ("strategy", "gamma", "signed", "structure")
               if k in entry.kwargs}
         scales = am.caadam_scales(params, layers=out["table"], **kw)
         expected = jax.tree.map(lambda s, u: jnp.float32(s) * u, scales, adam_u)
         _suite.assert_trees_close(
-            _visible(out["masked_table"]), _visible(expected), rtol=1e-5, atol=1e-7,
-            err_msg=entry.name,
+            masked_table, _visible(expected), rtol=1e-5, atol=1e-7, err_msg=entry.name
         )
 
 
@@ -367,8 +347,8 @@ def test_map_params_and_eval_shape(entry: Entry) -> None:
 @pytest.mark.parametrize("entry", ENTRY_PARAMS)
 def test_none_leaves(entry: Entry) -> None:
     out = _wrapper_results(entry.name)
-    updates, state = out["none"]
-    ref_u, ref_s = out["no_none"]
+    updates, state = out["none"][1]
+    ref_u, ref_s = out["no_none"][1]
     assert updates["frozen"] is None and updates["Dense_1"]["bias"] is None
     inner = _suite.inner_state(state, entry.family)
     assert inner.mu["frozen"] is None and inner.nu["Dense_1"]["bias"] is None
@@ -380,16 +360,20 @@ def test_none_leaves(entry: Entry) -> None:
 
 
 # ---------------------------------------------------------------------------
-# 7. dtypes: updates in the param dtype, state dtype-stable under lax.cond
+# 7. jit: updates in the param dtype, state dtype-stable under lax.cond (as
+# optax's test_state_shape_dtype_shard_stability), unexpected extra args, and
+# no recompilation on the second call.
 
 
 def _cond_step(tx: optax.GradientTransformation, loss):
+    extra = {"unexpected_extra_args_your_optimizer_doesnt_expect": 1}
+
     def step(params, state):
         grads = jax.grad(loss)(params)
         # defeat constant folding; cond needs identical branch output types
         pick = jax.random.randint(jax.random.key(0), (), 0, 2) == 0
         updates, new_state = jax.lax.cond(
-            pick, lambda: tx.update(grads, state, params), lambda: (params, state)
+            pick, lambda: tx.update(grads, state, params, **extra), lambda: (params, state)
         )
         return updates, new_state
 
@@ -414,15 +398,15 @@ def _check_dtype_run(entry: Entry, tx, problems: dict) -> None:
 
 
 @pytest.mark.parametrize("entry", ENTRY_PARAMS)
-def test_dtype_stability_f16_bf16_f32(entry: Entry) -> None:
+def test_jit_dtypes_f16_bf16_f32_and_no_recompilation(entry: Entry) -> None:
     names = ("float16", "bfloat16", "float32")
-    _check_dtype_run(entry, entry.make(), {d: _suite.layered_parabola(jnp.dtype(d)) for d in names})
+    _check_dtype_run(entry, entry.make(), {d: _suite.small_problem(jnp.dtype(d)) for d in names})
 
 
 @pytest.mark.parametrize("entry", ENTRY_PARAMS)
-def test_dtype_stability_f64(entry: Entry) -> None:
+def test_jit_dtype_f64(entry: Entry) -> None:
     with jax.enable_x64(True):
-        problem = _suite.layered_parabola(jnp.float64)
+        problem = _suite.small_problem(jnp.float64)
         assert jax.tree.leaves(problem.init)[0].dtype == jnp.float64
         _check_dtype_run(entry, entry.make(), {"float64": problem})
 
@@ -434,9 +418,9 @@ def test_dtype_stability_f64(entry: Entry) -> None:
 @pytest.mark.parametrize("entry", ALIAS_PARAMS)
 def test_constant_schedule_equals_float_lr(entry: Entry) -> None:
     out = _wrapper_results(entry.name)
-    moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), out["lr"], out["params"])
-    assert max(jax.tree.leaves(moved)) > 1e-3  # the 10 steps did move
-    _suite.assert_trees_close(out["schedule"], out["lr"], rtol=1e-6, err_msg=entry.name)
+    for (u, _), (su, _) in zip(out["alone"][:1], out["schedule"]):
+        assert max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(u)) > 1e-4
+        _suite.assert_trees_close(su, u, rtol=1e-6, err_msg=entry.name)
 
 
 # ---------------------------------------------------------------------------
@@ -483,7 +467,9 @@ def test_flatten(entry: Entry) -> None:
         with pytest.raises(ValueError, match="optax.flatten"):
             flat.init(params)
     else:
+        # elementwise: flattening changes nothing
         tx = entry.make()
-        u, s = _two_steps(flat, grads, params)
-        ref_u, _ = _two_steps(tx, grads, params)
+        u, ref_u = jax.jit(
+            lambda g, p: (_steps(flat, [g, g], p)[1][0], _steps(tx, [g, g], p)[1][0])
+        )(grads, params)
         _suite.assert_trees_close(u, ref_u, rtol=1e-6, atol=1e-9, err_msg=entry.name)

@@ -215,6 +215,8 @@ def test_resnet20_creation_order_reproduces_the_reference_scales():
     5.5663, S_depth from 1.000 to 1.984. These hold only if the creation order
     ends with the 10-way classifier and has kernel before bias.
     """
+    # A really constructed model: one rebuilt by nnx.merge / nnx.eval_shape has
+    # its attributes in sorted order, not creation order.
     model = models.ResNet(3, 16, in_channels=3, rngs=nnx.Rngs(0))
     order = models.creation_order(model)
     assert len(order) == 86 and order[-2:] == ["head/kernel", "head/bias"]
@@ -257,3 +259,25 @@ def test_summary_delta_sign_and_welch_p():
     assert c["p_welch_vs_adam"] == pytest.approx(stats.ttest_ind(b, a, equal_var=False).pvalue)
     assert s["target_loss"] == pytest.approx(0.5)  # Adam's final train loss
     assert c["steps_to_target"] == [2, 2, 2]
+
+
+@pytest.mark.parametrize("name", ["resnet", "gpt"])
+def test_creation_order_matches_traced_forward_order(name):
+    """Two independent routes to the forward order agree on our models.
+
+    ``creation_order`` reads attribute assignment order; ``am.flax.nnx_layer_table``
+    traces a forward call and records the call order of the modules.
+    """
+    import jax.numpy as jnp
+
+    if name == "resnet":
+        model = models.ResNet(1, 2, in_channels=1, rngs=nnx.Rngs(0))
+        x = jnp.zeros((1, 28, 28, 1))
+    else:
+        model = models.CharGPT(11, layers=2, d=4, heads=2, block=4, rngs=nnx.Rngs(0))
+        x = jnp.zeros((1, 4), jnp.int32)
+    traced = am.flax.nnx_layer_table(model, x)
+    _, params, _ = nnx.split(model, nnx.Param, ...)
+    ours = am.layer_table(params, order=models.creation_order(model))
+    assert [r.path for r in ours.rows] == [r.path for r in traced.rows]
+    assert [r.layer for r in ours.rows] == [r.layer for r in traced.rows]

@@ -288,6 +288,10 @@ def test_linen_scan_stack(axis, metadata):
     assert table["layers/zlin/kernel"].uses == 1  # linen traces the body twice
     flow = am.flax.linen_layer_table(model, x, depth="dataflow")
     assert layer_depths(flow) == layer_depths(table)
+    if metadata:  # paths only: the stack axis comes from the Partitioned names
+        boxed = am.layer_table(jax.eval_shape(model.init, jax.random.key(0), x))
+        assert boxed["layers/zlin/kernel"].stack_axis == axis
+        assert boxed["layers/zlin/bias"].stack_axis == axis  # unboxed, same layer
     # Each slice its own depth factor; the same S for the real parameter tree.
     params = model.init(jax.random.key(0), x)["params"]
     s = am.caadam_scales(params, "depth", layers=table)
@@ -306,14 +310,19 @@ def test_linen_lora_fan_fn_and_training_loop():
     assert table["adapted/lora_a"].layer == table["adapted/base/kernel"].layer == "adapted/base"
     assert fans(table, "adapted/lora_a") == (6, 2, 12)
     assert table["adapted/lora_b"].depth == (1,)
-    counted = am.flax.linen_layer_table(Net(), x, fan_fn=lambda p, s: (1, 1) if "lora" in p else None)
+    counted = am.flax.linen_layer_table(
+        Net(), x, fan_fn=lambda p, s: (1, 1) if "lora" in p else None
+    )
     assert fans(counted, "adapted/lora_b") == (1, 1, 1)
 
     # A jitted linen loop with the table: step 1 moves each weight by lr * S.
     net = Net()
     params = net.init(jax.random.key(0), x)["params"]
     lr = 1e-3
-    tx = am.caadam(lr, "additive", layers=table)
+    # layers= may also be a callable building the table from the tree it gets
+    # (here: paths and shapes, plus the traced order).
+    order = [r.layer for r in table.rows]
+    tx = am.caadam(lr, "additive", layers=lambda tree: am.layer_table(tree, order=order))
 
     def loss(p):
         return jnp.mean((net.apply({"params": p}, x) - 1.0) ** 2)
@@ -479,7 +488,8 @@ def test_nnx_user_names_and_training_loop():
         "z_first": 0, "a_second": 1, "Dense_10": 2, "Dense_2": 3}
     assert am.layer_table(nnx.state(model, nnx.Param))["Dense_2/kernel"].depth == (0,)
     counts = [15, 35, 42, 12]
-    assert [fans(table, f"{n}/kernel")[2] for n in ("z_first", "a_second", "Dense_10", "Dense_2")] == counts
+    names = ("z_first", "a_second", "Dense_10", "Dense_2")
+    assert [fans(table, f"{n}/kernel")[2] for n in names] == counts
 
     # A jitted nnx loop: nnx.Optimizer(model, caadam(layers=table), wrt=nnx.Param).
     lr = 1e-3

@@ -61,7 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--test-subset", type=int, metavar="N", help="test examples (windows for the GPT); 0 = all")
     a("--val-fraction", type=float, help="last fraction of the training subset kept for validation")
     a("--model", action="append", metavar="M",
-      help="model string (repeat for several; see the task docs); regression_mlp: 64,32 or paper")
+      help="model string, repeatable. fashion_mnist_cnn: c1=16,c2=32,dense=64; "
+           "fashion_mnist_resnet20: n=3,width=16; shakespeare_gpt: "
+           "layers=2,d=64,heads=4,block=64,dropout=0.0; regression_mlp: hidden sizes "
+           "such as 64,32, or 'paper' for the CaAdam paper's six")
     a("--image-size", type=int, choices=(28, 56), help="Fashion-MNIST size (56: scipy zoom, order 3)")
     a("--channels", type=int, choices=(1, 3), help="Fashion-MNIST channels (3: replicated)")
     a("--steps-per-epoch", type=int, help="char-GPT: optimizer steps between evaluations")
@@ -150,7 +153,8 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
     paths = {"json": str(out_dir / f"{name}.json"), "table": str(out_dir / f"{name}.md")}
     if cfg.plot:
         paths["png"] = str(out_dir / f"{name}.png")
-        report.plot(groups, task.metric, f"{task.name}: {', '.join(labels)}", Path(paths["png"]))
+        title = f"{task.name} ({name}): mean over seeds {cfg.seeds}"
+        report.plot(groups, task.metric, title, Path(paths["png"]))
     wall = time.perf_counter() - t_start
     with open(paths["table"], "w") as f:
         f.write(f"# {task.name} ({name})\n\nseeds {cfg.seeds}, wall time {wall:.0f} s\n")

@@ -28,6 +28,8 @@ def creation_order(model: nnx.Module) -> list[str]:
 
     Walks the module graph in attribute assignment order (not the sorted order
     of ``nnx.state``); a shared parameter is listed once, at its first use.
+    Call it on the model as constructed: a module rebuilt by ``nnx.merge`` or
+    ``nnx.eval_shape`` has its attributes in sorted order.
 
     Example:
       >>> from flax import nnx

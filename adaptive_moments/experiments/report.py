@@ -173,9 +173,20 @@ def _padded(curves: list[list[float]]) -> np.ndarray:
 
 
 def _nanmean(a: np.ndarray) -> np.ndarray:
+    """Mean over seeds, cut where fewer than half the seeds are still running.
+
+    (With early stopping, runs end at different epochs; the mean of the few
+    longest runs would otherwise make the curve's tail jump.)
+    """
+    if a.size == 0:
+        return np.zeros(0)
+    alive = np.sum(~np.isnan(a), axis=0)
+    keep = alive >= max(1, math.ceil(a.shape[0] / 2))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns
-        return np.nanmean(a, axis=0)
+        mean = np.nanmean(a, axis=0)
+    last = np.nonzero(keep)[0]
+    return mean[: last[-1] + 1] if len(last) else mean[:0]
 
 
 def plot(groups: list[dict[str, Any]], metric: str, title: str, path: Path) -> None:
@@ -212,7 +223,7 @@ def plot(groups: list[dict[str, Any]], metric: str, title: str, path: Path) -> N
         for ax in row:
             ax.grid(alpha=0.3)
         row[0].legend(fontsize=8)
-    fig.suptitle(title)
+    fig.suptitle(title, fontsize=10, wrap=True)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

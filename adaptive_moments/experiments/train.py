@@ -161,14 +161,14 @@ class _Callbacks:
 def _progress(cfg: ExperimentConfig, total: int, desc: str) -> Any:
     if not cfg.progress:
         return None
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit="epoch", leave=False, dynamic_ncols=True)
 
 
 def _log(cfg: ExperimentConfig, line: str) -> None:
     if cfg.progress:
-        from tqdm.auto import tqdm
+        from tqdm import tqdm
 
         tqdm.write(line)
     else:
@@ -219,7 +219,8 @@ def run_group(
             params, rest = _copy(params_init), _copy(rest_init)
             opt_state = tx.init(params)
             rng = np.random.default_rng([seed, 7919])
-            key = jax.random.key(seed)
+            # The "rbg" PRNG: dropout masks compile about 2x faster on XLA:CPU than threefry.
+            key = jax.random.key(seed, impl="rbg")
             lr_factor = jnp.float32(1.0)
             if compiled is None:
                 t0 = time.perf_counter()
