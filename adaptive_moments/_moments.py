@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from jax import lax
 
 from adaptive_moments import _paths
 
@@ -78,7 +79,9 @@ def update_moments(updates: Any, mu: Any, nu: Any, b1: Any, b2: Any) -> tuple[An
             return None
         cd = compute_dtype(m.dtype)
         d, one_minus_d = coef1(cd)
-        return cast(d * cast(m, cd) + one_minus_d * cast(g, cd), m.dtype)
+        # lax rather than jnp operators: the same ops, without jnp's per-call
+        # dispatch, which dominates tracing trees of thousands of leaves.
+        return cast(lax.add(lax.mul(d, cast(m, cd)), lax.mul(one_minus_d, cast(g, cd))), m.dtype)
 
     def one_nu(g, v):
         if g is None:
@@ -86,7 +89,7 @@ def update_moments(updates: Any, mu: Any, nu: Any, b1: Any, b2: Any) -> tuple[An
         cd = compute_dtype(v.dtype)
         d, one_minus_d = coef2(cd)
         g = cast(g, cd)
-        return cast(d * cast(v, cd) + one_minus_d * (g * g), v.dtype)
+        return cast(lax.add(lax.mul(d, cast(v, cd)), lax.mul(one_minus_d, lax.mul(g, g))), v.dtype)
 
     new_mu = jax.tree.map(one_mu, updates, mu, is_leaf=_paths.is_none)
     new_nu = jax.tree.map(one_nu, updates, nu, is_leaf=_paths.is_none)

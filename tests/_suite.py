@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import inspect
 import logging
 import re
@@ -161,8 +162,6 @@ ENTRIES: tuple[Entry, ...] = (
 )
 
 BY_NAME: dict[str, Entry] = {e.name: e for e in ENTRIES}
-ALIASES: tuple[Entry, ...] = tuple(e for e in ENTRIES if e.is_alias)
-PER_LAYER: tuple[Entry, ...] = tuple(e for e in ENTRIES if e.per_layer)
 
 
 # ---------------------------------------------------------------------------
@@ -263,6 +262,10 @@ def mlp_grads(params: Any) -> Any:
 # ---------------------------------------------------------------------------
 # helpers
 
+# Tests need correct programs, not fast ones: without LLVM's optimisation
+# passes XLA:CPU compiles about 25% faster, and compilation dominates the suite.
+jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+
 
 class _ListHandler(logging.Handler):
     def __init__(self) -> None:
@@ -323,7 +326,9 @@ def assert_trees_equal(a: Any, b: Any, err_msg: str = "") -> None:
         np.testing.assert_array_equal(x, y, err_msg=err_msg)
 
 
-def assert_trees_close(a: Any, b: Any, rtol: float = 1e-6, atol: float = 0.0, err_msg: str = "") -> None:
+def assert_trees_close(
+    a: Any, b: Any, rtol: float = 1e-6, atol: float = 0.0, err_msg: str = ""
+) -> None:
     """Same structure and leaves close to a tolerance (compared in float64)."""
     fa, ta = jax.tree_util.tree_flatten(a)
     fb, tb = jax.tree_util.tree_flatten(b)

@@ -13,11 +13,13 @@ the same optimizer run another way (unwrapped vs wrapped, visible subtree vs
 masked tree, tree without its ``None`` leaves), from optax itself, or from the
 problem's known minimiser.
 
-Speed: an XLA compilation costs a few tenths of a second whatever its size,
-so the wrapper checks of one entry are traced into *one* jitted function
-(:func:`_wrapper_results`, computed once per entry and shared by the tests
-that read it); only what needs its own program (recompilation, ``lax.cond``
-dtype stability, MultiSteps under standard promotion, x64, the scans) gets one.
+Speed: XLA:CPU compilation dominates (a few tenths of a second per program,
+mostly fixed cost, growing with the number of leaves), so the wrapper checks
+of one entry are traced into *one* jitted function (:func:`_wrapper_results`,
+computed once per entry and shared by the tests that read it); only what needs
+its own program (``lax.cond`` dtype stability and recompilation, MultiSteps
+under standard promotion, x64, the scans) gets one, on small trees, compiled
+with ``_suite.jit`` (LLVM optimisation off).
 """
 
 from __future__ import annotations
@@ -37,7 +39,20 @@ import adaptive_moments as am
 from _suite import ENTRIES, Entry
 
 ENTRY_PARAMS = [pytest.param(e, id=e.name) for e in ENTRIES]
-ALIAS_PARAMS = [pytest.param(e, id=e.name) for e in _suite.ALIASES]
+
+
+@pytest.fixture(scope="module", params=ENTRY_PARAMS)
+def entry(request: pytest.FixtureRequest) -> Entry:
+    """Every registry entry. Module scope makes pytest run the tests entry by
+    entry, so ``pytest -n`` hands each worker whole entries and the per-entry
+    compiled programs are not built twice."""
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def wrapper(entry: Entry) -> dict[str, Any]:
+    """The wrapper results of :func:`_wrapper_results` for ``entry``."""
+    return _wrapper_results(entry.name)
 
 # Dense_0 (the largest layer) and Dense_2's bias hidden from the
 # transformation: the visible connection counts (6, 2) have another median and
@@ -155,14 +170,15 @@ def _wrapper_results(name: str) -> dict[str, Any]:
             out["masked_table"], out["full_table"] = out["masked"], out["alone"]
         out["none"] = _steps(tx, [_with_none(grads)] * 2, _with_none(params))
         out["no_none"] = _steps(tx, [_without_none(grads)] * 2, _without_none(params))
-        if entry.is_alias:
-            lr = optax.constant_schedule(entry.lr)
-            out["schedule"] = _steps(entry.make(learning_rate=lr), [grads], params)
+        # the alias with a constant schedule (a transformation: chained with
+        # scale_by_learning_rate(schedule))
+        lr = optax.constant_schedule(entry.lr)
+        out["schedule"] = _steps(entry.descent(learning_rate=lr), [grads], params)
         return out
 
     grads = _suite.mlp_grads(params)
     bad = dict(grads, Dense_1=dict(grads["Dense_1"], bias=jnp.array([jnp.nan, 1.0])))
-    out = jax.jit(run)(params, grads, bad)
+    out = _suite.jit(run)(params, grads, bad)
     out["params"], out["grads"], out["table"] = params, grads, table
     return out
 
@@ -171,9 +187,8 @@ def _wrapper_results(name: str) -> dict[str, Any]:
 # 1. extra args and optax.chain (no recompilation: see the dtype test)
 
 
-@pytest.mark.parametrize("entry", ENTRY_PARAMS)
-def test_extra_args_and_chain(entry: Entry) -> None:
-    out = _wrapper_results(entry.name)
+def test_extra_args_and_chain(entry: Entry, wrapper: dict[str, Any]) -> None:
+    out = wrapper
     for u, _ in out["alone"]:  # called with an unexpected keyword, unwrapped
         assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(u))
     # inside optax.chain the member gives the same updates and state
@@ -185,9 +200,8 @@ def test_extra_args_and_chain(entry: Entry) -> None:
 # 2. inject_hyperparams
 
 
-@pytest.mark.parametrize("entry", ENTRY_PARAMS)
-def test_inject_hyperparams(entry: Entry) -> None:
-    out = _wrapper_results(entry.name)
+def test_inject_hyperparams(entry: Entry, wrapper: dict[str, Any]) -> None:
+    out = wrapper
     numeric = {
         k for k, v in _with_numeric_defaults(entry).items()
         if isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -195,14 +209,15 @@ def test_inject_hyperparams(entry: Entry) -> None:
     for (u, state), (iu, istate) in zip(out["alone"], out["injected"]):
         assert numeric and numeric <= set(istate.hyperparams), (numeric, set(istate.hyperparams))
         _suite.assert_trees_close(iu, u, rtol=1e-5, atol=1e-7, err_msg=entry.name)
-        _suite.assert_trees_close(istate.inner_state, state, rtol=1e-5, atol=1e-7, err_msg=entry.name)
+        _suite.assert_trees_close(
+            istate.inner_state, state, rtol=1e-5, atol=1e-7, err_msg=entry.name
+        )
 
 
 # ---------------------------------------------------------------------------
 # 3. MultiSteps
 
 
-@pytest.mark.parametrize("entry", ENTRY_PARAMS)
 def test_multi_steps_bf16_and_f32(entry: Entry) -> None:
     tx = entry.make()
     acc = optax.MultiSteps(tx, every_k_schedule=4)
@@ -210,7 +225,7 @@ def test_multi_steps_bf16_and_f32(entry: Entry) -> None:
     trees = {d: p.init for d, p in problems.items()}
     grads = {d: jax.grad(p.loss)(p.init) for d, p in problems.items()}
 
-    @jax.jit
+    @_suite.jit
     def one(grads, states, trees):
         """One MultiSteps update per dtype, and the plain first update."""
         return {
@@ -249,9 +264,8 @@ def test_multi_steps_bf16_and_f32(entry: Entry) -> None:
 # 4. apply_if_finite
 
 
-@pytest.mark.parametrize("entry", ENTRY_PARAMS)
-def test_apply_if_finite(entry: Entry) -> None:
-    out = _wrapper_results(entry.name)
+def test_apply_if_finite(entry: Entry, wrapper: dict[str, Any]) -> None:
+    out = wrapper
     (_, s1), (u2, s2), (u3, s3) = out["finite"]
     assert bool(s1.last_finite)
     assert not bool(s2.last_finite) and int(s2.notfinite_count) == 1
@@ -267,9 +281,8 @@ def test_apply_if_finite(entry: Entry) -> None:
 # 5. masked / partition and the meaning of per-layer statistics under them
 
 
-@pytest.mark.parametrize("entry", ENTRY_PARAMS)
-def test_masked_and_partition(entry: Entry) -> None:
-    out = _wrapper_results(entry.name)
+def test_masked_and_partition(entry: Entry, wrapper: dict[str, Any]) -> None:
+    out = wrapper
     grads = out["grads"]
     masked_u, masked_s = out["masked"][1]  # second step: past bias correction's t=1
     # masked leaves pass through untouched; the inner state holds MaskedNode there
@@ -324,7 +337,6 @@ def test_masked_and_partition(entry: Entry) -> None:
 # 6. tree.map_params, eval_shape, None leaves
 
 
-@pytest.mark.parametrize("entry", ENTRY_PARAMS)
 def test_map_params_and_eval_shape(entry: Entry) -> None:
     tx = entry.make()
     params = _suite.mlp_params()
@@ -344,16 +356,17 @@ def test_map_params_and_eval_shape(entry: Entry) -> None:
     assert jax.tree.leaves(shapes) == jax.tree.leaves(expect)
 
 
-@pytest.mark.parametrize("entry", ENTRY_PARAMS)
-def test_none_leaves(entry: Entry) -> None:
-    out = _wrapper_results(entry.name)
+def test_none_leaves(entry: Entry, wrapper: dict[str, Any]) -> None:
+    out = wrapper
     updates, state = out["none"][1]
     ref_u, ref_s = out["no_none"][1]
     assert updates["frozen"] is None and updates["Dense_1"]["bias"] is None
     inner = _suite.inner_state(state, entry.family)
     assert inner.mu["frozen"] is None and inner.nu["Dense_1"]["bias"] is None
     # the other leaves are updated as if the None entries did not exist
-    _suite.assert_trees_close(_without_none(updates), ref_u, rtol=1e-6, atol=1e-9, err_msg=entry.name)
+    _suite.assert_trees_close(
+        _without_none(updates), ref_u, rtol=1e-6, atol=1e-9, err_msg=entry.name
+    )
     _suite.assert_trees_close(
         _without_none(inner.mu), _suite.inner_state(ref_s, entry.family).mu, rtol=1e-6
     )
@@ -366,10 +379,13 @@ def test_none_leaves(entry: Entry) -> None:
 
 
 def _cond_step(tx: optax.GradientTransformation, loss):
-    extra = {"unexpected_extra_args_your_optimizer_doesnt_expect": 1}
-
     def step(params, state):
-        grads = jax.grad(loss)(params)
+        value, grads = jax.value_and_grad(loss)(params)
+        # unexpected extra args, one of them deliberately of another dtype
+        # (as optax's test passes a mis-typed `value`)
+        confusing = jnp.bfloat16 if value.dtype == jnp.float16 else jnp.float16
+        extra = {"unexpected_extra_args_your_optimizer_doesnt_expect": 1,
+                 "value": value.astype(confusing)}
         # defeat constant folding; cond needs identical branch output types
         pick = jax.random.randint(jax.random.key(0), (), 0, 2) == 0
         updates, new_state = jax.lax.cond(
@@ -385,25 +401,24 @@ def _check_dtype_run(entry: Entry, tx, problems: dict) -> None:
     trees = {d: p.init for d, p in problems.items()}
     steps = {d: _cond_step(tx, p.loss) for d, p in problems.items()}
     states = {d: tx.init(p) for d, p in trees.items()}
-    run = jax.jit(lambda ps, ss: {d: steps[d](ps[d], ss[d]) for d in ps})
+    run = _suite.jit(lambda ps, ss: {d: steps[d](ps[d], ss[d]) for d in ps})
     res = run(trees, states)
     for d, (updates, new_state) in res.items():
         assert _suite.dtypes(updates) == _suite.dtypes(trees[d]), (entry.name, d)
         assert _suite.dtypes(new_state) == _suite.dtypes(states[d]), (entry.name, d)
-        assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates)), (entry.name, d)
+        finite = all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
+        assert finite, (entry.name, d)
     # the new state has exactly the old types: a second call does not recompile
     with _suite.log_compilations() as compiles:
         jax.block_until_ready(run(trees, {d: r[1] for d, r in res.items()}))
     assert compiles == [], compiles
 
 
-@pytest.mark.parametrize("entry", ENTRY_PARAMS)
 def test_jit_dtypes_f16_bf16_f32_and_no_recompilation(entry: Entry) -> None:
     names = ("float16", "bfloat16", "float32")
     _check_dtype_run(entry, entry.make(), {d: _suite.small_problem(jnp.dtype(d)) for d in names})
 
 
-@pytest.mark.parametrize("entry", ENTRY_PARAMS)
 def test_jit_dtype_f64(entry: Entry) -> None:
     with jax.enable_x64(True):
         problem = _suite.small_problem(jnp.float64)
@@ -415,24 +430,24 @@ def test_jit_dtype_f64(entry: Entry) -> None:
 # 8. learning-rate schedules
 
 
-@pytest.mark.parametrize("entry", ALIAS_PARAMS)
-def test_constant_schedule_equals_float_lr(entry: Entry) -> None:
-    out = _wrapper_results(entry.name)
-    for (u, _), (su, _) in zip(out["alone"][:1], out["schedule"]):
-        assert max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(u)) > 1e-4
-        _suite.assert_trees_close(su, u, rtol=1e-6, err_msg=entry.name)
+def test_constant_schedule_equals_float_lr(entry: Entry, wrapper: dict[str, Any]) -> None:
+    out = wrapper
+    u = out["alone"][0][0]  # the alias with its float learning rate
+    if not entry.is_alias:  # the transformation's direction, times -lr
+        u = jax.tree.map(lambda x: -jnp.float32(entry.lr) * x, u)
+    assert max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(u)) > 1e-4
+    _suite.assert_trees_close(out["schedule"][0][0], u, rtol=1e-6, err_msg=entry.name)
 
 
 # ---------------------------------------------------------------------------
 # 9. convergence inside jax.lax.scan (through optax.chain for transformations)
 
 
-@pytest.mark.parametrize("entry", ENTRY_PARAMS)
 def test_convergence(entry: Entry) -> None:
     problems = [make() for make in _suite.PROBLEMS]
     opt = entry.descent(entry.schedule())
 
-    @jax.jit
+    @_suite.jit
     def run(inits):
         finals = []
         for problem, init in zip(problems, inits):
@@ -457,7 +472,6 @@ def test_convergence(entry: Entry) -> None:
 # 10. optax.flatten
 
 
-@pytest.mark.parametrize("entry", ENTRY_PARAMS)
 def test_flatten(entry: Entry) -> None:
     params = _suite.mlp_params()
     grads = _suite.mlp_grads(params)
@@ -469,7 +483,71 @@ def test_flatten(entry: Entry) -> None:
     else:
         # elementwise: flattening changes nothing
         tx = entry.make()
-        u, ref_u = jax.jit(
+        u, ref_u = _suite.jit(
             lambda g, p: (_steps(flat, [g, g], p)[1][0], _steps(tx, [g, g], p)[1][0])
         )(grads, params)
         _suite.assert_trees_close(u, ref_u, rtol=1e-6, atol=1e-9, err_msg=entry.name)
+
+
+# ---------------------------------------------------------------------------
+# 11. flax.nnx.Optimizer
+
+# One alias per family; the per-layer ones once with a table built from
+# nnx.state (the init-time tree, whose paths end in `.value`) and used at update
+# time on plain arrays.
+NNX_CASES = [
+    pytest.param("caadam", False, id="caadam"),
+    pytest.param("caadam_keras", True, id="caadam_keras-nnx-table"),
+    pytest.param("set_adam-decoupled-wd", True, id="set_adam-decoupled-wd-nnx-table"),
+    pytest.param("exadam-v1-wd", False, id="exadam-v1-wd"),
+]
+
+
+@pytest.mark.parametrize(("name", "table_from_state"), NNX_CASES)
+def test_nnx_optimizer_trains(name: str, table_from_state: bool) -> None:
+    from flax import nnx
+
+    class MLP(nnx.Module):
+        def __init__(self, rngs: nnx.Rngs):
+            self.hidden = nnx.Linear(3, 8, rngs=rngs)
+            self.out = nnx.Linear(8, 1, rngs=rngs)
+
+        def __call__(self, x):
+            return self.out(jnp.tanh(self.hidden(x)))
+
+    model = MLP(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (32, 3))
+    y = jnp.sin(jnp.sum(x, axis=1, keepdims=True))
+    kwargs: dict[str, Any] = {"learning_rate": 1e-2}
+    if table_from_state:
+        kwargs["layers"] = am.layer_table(nnx.state(model, nnx.Param))
+    tx = _suite.BY_NAME[name].make(**kwargs)
+
+    seen: dict[str, list] = {}
+
+    def init(params):
+        seen["init"] = jax.tree_util.tree_flatten_with_path(params)[0]
+        return tx.init(params)
+
+    def update(updates, state, params=None, **extra):
+        seen["update"] = jax.tree_util.tree_flatten_with_path(updates)[0]
+        return tx.update(updates, state, params, **extra)
+
+    optimizer = nnx.Optimizer(
+        model, optax.GradientTransformationExtraArgs(init, update), wrt=nnx.Param
+    )
+
+    @nnx.jit
+    def train_step(model, optimizer, x, y):
+        loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
+        optimizer.update(model, grads)
+        return loss
+
+    losses = [float(train_step(model, optimizer, x, y)) for _ in range(20)]
+    value = jax.tree_util.GetAttrKey("value")
+    # the premise: init sees Variable `.value` paths, update plain arrays
+    assert seen["init"] and all(path[-1] == value for path, _ in seen["init"])
+    assert seen["update"] and all(path[-1] != value for path, _ in seen["update"])
+    assert len(seen["init"]) == len(seen["update"]) == 4
+    assert np.isfinite(losses).all()
+    assert losses[-1] < 0.7 * losses[0], losses

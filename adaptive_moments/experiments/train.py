@@ -42,9 +42,7 @@ def _copy(tree: Any) -> Any:
     return jax.tree.map(jnp.copy, tree)
 
 
-def make_step_fn(
-    task: Task, graphdef: Any, tx: optax.GradientTransformation
-) -> Callable[..., Any]:
+def make_step_fn(task: Task, graphdef: Any, tx: optax.GradientTransformation) -> Callable[..., Any]:
     """``(params, rest, opt_state, lr_factor, train, row, key, i) -> (..., loss)``.
 
     One jitted optimizer step on the batch ``train[row]`` (rows of -1 are
@@ -90,8 +88,9 @@ def make_eval_fn(task: Task, graphdef: Any) -> Callable[..., Any]:
 class Evaluator:
     """Evaluates a fixed split in fixed-size (zero-weight padded) batches."""
 
-    def __init__(self, task: Task, eval_fn: Callable[..., Any], split: dict[str, np.ndarray],
-                 batch_size: int):
+    def __init__(
+        self, task: Task, eval_fn: Callable[..., Any], split: dict[str, np.ndarray], batch_size: int
+    ):
         self.task = task
         self.eval_fn = eval_fn
         n = len(split["y"])
@@ -215,10 +214,9 @@ def run_group(
         step_fn = make_step_fn(task, graphdef, tx)
         compiled = None
         runs[spec.label] = []
-        for (params_init, rest_init), seed in zip(inits, cfg.seeds):
+        for (params_init, rest_init), seed in zip(inits, cfg.seeds, strict=True):
             params, rest = _copy(params_init), _copy(rest_init)
             opt_state = tx.init(params)
-            rng = np.random.default_rng([seed, 7919])
             # The "rbg" PRNG: dropout masks compile about 2x faster on XLA:CPU than threefry.
             key = jax.random.key(seed, impl="rbg")
             lr_factor = jnp.float32(1.0)
@@ -231,8 +229,22 @@ def run_group(
                     ).compile()
                 compile_s[spec.label] = time.perf_counter() - t0
             runs[spec.label].append(
-                _run_one(task, data, cfg, spec, seed, compiled, params, rest, opt_state, base_lr,
-                         train_dev, rng, key, val_eval, test_eval)
+                _run_one(
+                    task,
+                    data,
+                    cfg,
+                    spec,
+                    seed,
+                    compiled,
+                    params,
+                    rest,
+                    opt_state,
+                    base_lr,
+                    train_dev,
+                    key,
+                    val_eval,
+                    test_eval,
+                )
             )
             run = runs[spec.label][-1]
             _log(
@@ -252,8 +264,23 @@ def run_group(
     }
 
 
-def _run_one(task, data, cfg, spec, seed, compiled, params, rest, opt_state, base_lr,
-             train_dev, rng, key, val_eval, test_eval) -> dict[str, Any]:
+def _run_one(
+    task,
+    data,
+    cfg,
+    spec,
+    seed,
+    compiled,
+    params,
+    rest,
+    opt_state,
+    base_lr,
+    train_dev,
+    key,
+    val_eval,
+    test_eval,
+) -> dict[str, Any]:
+    """One (optimizer, seed) run: epochs of steps, validation, callbacks, test."""
     cb = _Callbacks(cfg, base_lr)
     step_losses: list[float] = []
     epoch_loss: list[float] = []
