@@ -159,7 +159,9 @@ def main() -> None:
     with jax.set_mesh(mesh):
         params0 = init_mlp(jax.random.PRNGKey(0), sizes)
         specs = param_specs(params0)
-        params0 = jax.tree.map(lambda p, s: jax.device_put(p, NamedSharding(mesh, s)), params0, specs)
+        params0 = jax.tree.map(
+            lambda p, s: jax.device_put(p, NamedSharding(mesh, s)), params0, specs
+        )
         x_test = jax.device_put(xte[:n_test], NamedSharding(mesh, P(batch_spec[0], None)))
         y_test = jax.device_put(yte[:n_test], NamedSharding(mesh, batch_spec))
         print("param shardings:")

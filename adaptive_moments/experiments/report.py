@@ -212,22 +212,25 @@ def plot(groups: list[dict[str, Any]], metric: str, title: str, path: Path) -> N
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(groups), 3, figsize=(16, 4.2 * len(groups)), squeeze=False)
+    # The char-GPT's metric is its loss: no third panel repeating the second.
+    ncols = 2 if metric == "loss" else 3
+    fig, axes = plt.subplots(
+        len(groups), ncols, figsize=(5.4 * ncols, 4.4 * len(groups)), squeeze=False
+    )
     for row, group in zip(axes, groups, strict=True):
         window = group["summary"]["smoothing_steps"]
         for lab, rs in group["runs"].items():
-            steps = _nanmean(
-                _padded([smoothed(r["train_loss_steps"], window).tolist() for r in rs])
-            )
+            curves = [smoothed(r["train_loss_steps"], window).tolist() for r in rs]
+            steps = _nanmean(_padded(curves))
             line = row[0].plot(np.arange(1, len(steps) + 1), steps, label=lab, lw=1.2)[0]
-            c = line.get_color()
-            for ax, key in ((row[1], "val_loss"), (row[2], "val_metric")):
+            for ax, key in zip(row[1:], ("val_loss", "val_metric")[: ncols - 1], strict=True):
                 ys = _nanmean(_padded([r[key] for r in rs]))
+                marker = "." if len(ys) < 40 else None
                 ax.plot(
                     np.arange(1, len(ys) + 1),
                     ys,
-                    color=c,
-                    marker="." if len(ys) < 40 else None,
+                    color=line.get_color(),
+                    marker=marker,
                     lw=1.2,
                     label=lab,
                 )
@@ -235,22 +238,14 @@ def plot(groups: list[dict[str, Any]], metric: str, title: str, path: Path) -> N
         if target is not None and np.isfinite(target):
             row[0].axhline(target, color="grey", ls=":", lw=0.8)
         row[0].set(
-            title=f"{group['model']}: train loss (mean of seeds, {window}-step mean)",
-            xlabel="step",
-            ylabel="loss",
+            title=f"{group['model']}\ntrain loss ({window}-step mean)", xlabel="step", ylabel="loss"
         )
         row[1].set(title="validation loss", xlabel="epoch", ylabel="loss")
-        row[2].set(title=f"validation {metric}", xlabel="epoch", ylabel=metric)
+        if ncols == 3:
+            row[2].set(title=f"validation {metric}", xlabel="epoch", ylabel=metric)
         for ax in row[:2]:
-            if all(
-                np.all(
-                    np.asarray(line.get_ydata(), float)[
-                        ~np.isnan(np.asarray(line.get_ydata(), float))
-                    ]
-                    > 0
-                )
-                for line in ax.get_lines()
-            ):
+            ys = [np.asarray(line.get_ydata(), float) for line in ax.get_lines()]
+            if all(np.all(y[np.isfinite(y)] > 0) for y in ys):
                 ax.set_yscale("log")
         for ax in row:
             ax.grid(alpha=0.3)
