@@ -177,18 +177,32 @@ def check_gamma(strategy: str, gamma: Any) -> None:
         _validation.check_nonnegative("gamma", gamma)
 
 
+def _check_slices(n: int, shape: tuple[int, ...], stack_axis: int | None) -> None:
+    # Inside shard_map a leaf sharded along its stack axis holds only some of
+    # its slices: the per-slice S would broadcast the shard to all L slices.
+    if stack_axis is None or shape[stack_axis] != n:
+        raise ValueError(
+            f"CaAdam has {n} per-slice factors for a leaf of shape {shape} "
+            f"(stack axis {stack_axis}). A scan-stacked leaf sharded along its "
+            "stack axis inside shard_map is not supported: run the optimizer "
+            "under jax.jit with sharded arrays instead."
+        )
+
+
 def broadcast_scale(s: Any, shape: tuple[int, ...], stack_axis: int | None, dtype: Any) -> Any:
     """Turns a per-slice S (length 1 or L) into something that multiplies a leaf."""
     if isinstance(s, np.ndarray):
         flat = s.reshape(-1)
         if flat.size == 1 or np.all(flat == flat[0]):
             return jnp.asarray(flat[0], dtype)
+        _check_slices(flat.size, shape, stack_axis)
         bshape = [1] * len(shape)
         bshape[stack_axis] = flat.size
         return jnp.asarray(flat.reshape(bshape), dtype)
     s = jnp.asarray(s)
     if s.size == 1:
         return s.reshape(()).astype(dtype)
+    _check_slices(s.size, shape, stack_axis)
     bshape = [1] * len(shape)
     bshape[stack_axis] = s.size
     return s.reshape(bshape).astype(dtype)

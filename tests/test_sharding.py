@@ -13,7 +13,9 @@ What is checked, for every transformation and alias:
   the unsharded trajectory over many steps, and updates keep the params'
   sharding;
 * inside ``jax.shard_map``, SET-Adam with ``axis_name`` gives the global-layer
-  result and without it gives each shard's own (different) result;
+  result and without it gives each shard's own (different) result; CaAdam
+  (host-constant factors) matches, and refuses a stacked leaf sharded along
+  its stack axis instead of silently broadcasting it;
 * ``nnx.Optimizer`` over a ``with_partitioning``-annotated model trains inside
   ``jax.set_mesh`` and no state leaf is a per-leaf reduction (§2.4);
 * SET-Adam's per-layer all-reduces are combined by XLA: their number does not
@@ -307,6 +309,40 @@ def test_shard_map_axis_name_gives_global_layers(axis_form):
         else:
             # Each device reduces only its shard: a different algorithm.
             assert gap > 1e-2 * float(jnp.max(jnp.abs(ref))), path
+
+
+def test_caadam_inside_shard_map():
+    # CaAdam is elementwise with host-constant factors: inside shard_map it
+    # needs no axis name, unless a stacked leaf with per-slice factors is
+    # sharded along its stack axis (each shard holds only some slices).
+    params = make_params(dtypes=False)
+    table = table_for(params)
+    opt = am.scale_by_connection_aware("depth", layers=table)
+    grads = grad_fn(params)
+    reference, _ = jax.jit(opt.update)(grads, opt.init(params))
+    mesh = make_mesh()
+    whole_blocks = specs()
+    whole_blocks["blocks"]["kernel"] = P()  # every device holds all slices
+
+    def run(spec_tree):
+        sspec = am.ScaleByConnectionAwareState(count=P(), mu=spec_tree, nu=spec_tree, nu_max=())
+        step = jax.jit(
+            jax.shard_map(
+                lambda g, s: opt.update(g, s),
+                mesh=mesh,
+                in_specs=(spec_tree, sspec),
+                out_specs=(spec_tree, sspec),
+            )
+        )
+        state = jax.device_put(opt.init(params), sspec)
+        return jax.block_until_ready(step(jax.device_put(grads, spec_tree), state))[0]
+
+    with jax.set_mesh(mesh):
+        out = run(whole_blocks)
+        with pytest.raises(ValueError, match="stack axis inside shard_map"):
+            run(specs())
+    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(reference)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-9)
 
 
 # ---------------------------------------------------------------------------

@@ -193,7 +193,7 @@ class FashionMnistCNN(_FashionMnistTask):
         "epochs": 4,
         "lr": 1e-3,
         "batch_size": 64,
-        "train_subset": 6000,
+        "train_subset": 8000,
         "test_subset": 2000,
     }
 
