@@ -226,23 +226,20 @@ def caadam(
       Genet & Inzirillo, `CaAdam: Improving Adam optimizer using connection
       aware methods <https://arxiv.org/abs/2410.24216>`_, 2024.
     """
-    return optax.chain(
-        scale_by_connection_aware(
-            strategy,
-            gamma,
-            b1,
-            b2,
-            eps,
-            layers=layers,
-            structure=structure,
-            signed=signed,
-            amsgrad=amsgrad,
-            eps_placement=eps_placement,
-            mu_dtype=mu_dtype,
-        ),
-        _weight_decay.add_decayed_weights(weight_decay, weight_decay_mask),
-        optax.scale_by_learning_rate(learning_rate),
+    inner = scale_by_connection_aware(
+        strategy,
+        gamma,
+        b1,
+        b2,
+        eps,
+        layers=layers,
+        structure=structure,
+        signed=signed,
+        amsgrad=amsgrad,
+        eps_placement=eps_placement,
+        mu_dtype=mu_dtype,
     )
+    return _weight_decay.chain_with_decay(inner, learning_rate, weight_decay, weight_decay_mask)
 
 
 def caadam_keras(

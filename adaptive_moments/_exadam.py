@@ -159,9 +159,7 @@ def exadam(
       Adly, `EXAdam: The Power of Adaptive Cross-Moments
       <https://arxiv.org/abs/2412.20302>`_, 2024.
     """
-    _validation.check_nonnegative("weight_decay", weight_decay)
     inner = scale_by_exadam(b1, b2, eps, log_step_size=log_step_size, mu_dtype=mu_dtype)
-    decay = _weight_decay.add_decayed_weights(weight_decay, weight_decay_mask)
-    if decoupled_weight_decay:
-        return optax.chain(inner, decay, optax.scale_by_learning_rate(learning_rate))
-    return optax.chain(decay, inner, optax.scale_by_learning_rate(learning_rate))
+    return _weight_decay.chain_with_decay(
+        inner, learning_rate, weight_decay, weight_decay_mask, decoupled=decoupled_weight_decay
+    )

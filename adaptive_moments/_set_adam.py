@@ -185,11 +185,9 @@ def set_adam(
       Adam to Improve Generalisation Performance
       <https://arxiv.org/abs/2302.01029>`_, 2023.
     """
-    _validation.check_nonnegative("weight_decay", weight_decay)
     inner = scale_by_set_adam(
         b1, b2, eps, tau, layers=layers, axis_name=axis_name, mu_dtype=mu_dtype
     )
-    decay = _weight_decay.add_decayed_weights(weight_decay, weight_decay_mask)
-    if decoupled_weight_decay:
-        return optax.chain(inner, decay, optax.scale_by_learning_rate(learning_rate))
-    return optax.chain(decay, inner, optax.scale_by_learning_rate(learning_rate))
+    return _weight_decay.chain_with_decay(
+        inner, learning_rate, weight_decay, weight_decay_mask, decoupled=decoupled_weight_decay
+    )

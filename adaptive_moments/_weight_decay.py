@@ -30,3 +30,22 @@ def add_decayed_weights(
         return inner.update(updates, state, params)
 
     return optax.GradientTransformationExtraArgs(inner.init, update_fn)
+
+
+def chain_with_decay(
+    inner: optax.GradientTransformation,
+    learning_rate: optax.ScalarOrSchedule,
+    weight_decay: jax.typing.ArrayLike,
+    mask: Any | None = None,
+    *,
+    decoupled: bool = True,
+) -> optax.GradientTransformationExtraArgs:
+    """The aliases' chain: ``inner``, weight decay, then the learning rate.
+
+    ``decoupled=True`` decays after ``inner`` (AdamW style: ``-lr * wd * theta``,
+    not touched by what ``inner`` does); ``False`` decays before it (coupled L2:
+    ``g + wd * theta`` feeds the moments).
+    """
+    decay = add_decayed_weights(weight_decay, mask)
+    steps = (inner, decay) if decoupled else (decay, inner)
+    return optax.chain(*steps, optax.scale_by_learning_rate(learning_rate))
