@@ -543,3 +543,21 @@ def jax_trajectories(
             ],
         }
     return results
+
+
+def assert_bf16_tracks_f32(run: Mapping[str, Any], twin: Mapping[str, Any], params: Params) -> None:
+    """A bf16 run keeps bf16 updates and moments and follows its float32 twin.
+
+    Each step rounds theta to bf16 (<= 2**-9 relative) and the moments too, so
+    after `steps` steps the gap stays below steps * 2**-9 * max|theta|; a wrong
+    update would be off by about the distance moved.
+    """
+    import jax.numpy as jnp  # tests only; the reference itself is NumPy
+
+    assert all(dt == jnp.bfloat16 for dt in run["update_dtypes"] + run["state_dtypes"])
+    steps = len(next(iter(twin["traj"].values())))
+    for k, want in twin["traj"].items():
+        moved = np.max(np.abs(want[-1] - params[k]))
+        err = np.max(np.abs(run["traj"][k] - want))
+        assert err < steps * 2.0**-9 * np.max(np.abs(want)), (k, err)
+        assert err < 0.25 * moved, (k, err, moved)
