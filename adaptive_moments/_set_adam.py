@@ -86,12 +86,13 @@ def scale_by_set_adam(
             # sum(v) first overflows float32 sqrt(d) times earlier than sum(v^2).
             mean = s1 / jnp.asarray(d, cd)
             s = (mean * s1) / (s2 + guard)
-            # (2) eps inside the sqrt, after bias correction.
-            w = jnp.sqrt(s * v / bc2 + e)
-            w_min = jnp.sqrt(s * vmin / bc2 + e)
+            # (2) eps inside the sqrt, after bias correction; s / bc2 is one
+            # per-layer factor, so the element-wise work is one multiply-add.
+            k = s / bc2
+            w = jnp.sqrt(k * v + e)
             # (3) down-translation by tau * min(w) of the layer.
-            denom = w - tau_cd * w_min
-            return _moments.cast(_moments.cast(m, cd) / (bc1 * denom), g.dtype)
+            shift = tau_cd * jnp.sqrt(k * vmin + e)
+            return _moments.cast(_moments.cast(m, cd) / (bc1 * (w - shift)), g.dtype)
 
         new_updates = _paths.map_with_path(direction, updates, mu, nu)
         mu = optax.tree.cast(mu, mu_dtype)
