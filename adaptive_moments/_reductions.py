@@ -45,17 +45,15 @@ def axes_for(axis_name: AxisNames, path: str) -> tuple[str, ...]:
 def layer_statistics(
     v: jax.Array, stack_axis: int | None, mesh_axes: tuple[str, ...]
 ) -> tuple[jax.Array, jax.Array, jax.Array, Any]:
-    """``(sum v, sum v^2, min v, d)`` per layer, broadcastable against v.
+    """``(sum v, sum v^2, min v, d)`` per layer, kept broadcastable against v.
 
     Reduces over every axis but ``stack_axis``; ``d`` is the number of
-    elements of one (global) layer. A leaf that is one layer gets 0-d
-    statistics (no keepdims reshapes: fewer HLO ops, faster compiles).
+    elements of one (global) layer.
     """
     axes = tuple(i for i in range(v.ndim) if i != stack_axis)
-    keep = stack_axis is not None
-    s1 = jnp.sum(v, axis=axes, keepdims=keep)
-    s2 = jnp.sum(v * v, axis=axes, keepdims=keep)
-    vmin = jnp.min(v, axis=axes, keepdims=keep)
+    s1 = jnp.sum(v, axis=axes, keepdims=True)
+    s2 = jnp.sum(v * v, axis=axes, keepdims=True)
+    vmin = jnp.min(v, axis=axes, keepdims=True)
     d = 1
     for i in axes:
         d *= v.shape[i]

@@ -20,7 +20,9 @@ Cases:
 * ``train-*``: whole train step (forward + backward + update) of ResNet-20
   (batch 32 of 32x32x3) and a small char-GPT (4 layers, d=128, T=128);
 * ``compile-1000``: trace + compile time of the optimizer step on a
-  1,000-leaf tree (fresh optimizer and function per repetition);
+  1,000-leaf tree (fresh optimizer and function per repetition), with the
+  HLO figures that explain it (instructions and kernels per leaf, distinct
+  fused bodies);
 * ``memory``: optimizer state bytes and the compiled step's peak-memory
   estimate (arguments + outputs - aliased + temporaries) on the 30M tree.
 
@@ -365,6 +367,47 @@ def compile_times(names: list[str], shapes: dict, reps: int) -> dict[str, dict[s
     return rows
 
 
+_NOT_KERNELS = ("parameter", "tuple", "get-tuple-element", "bitcast", "constant")
+
+
+def hlo_profile(names: list[str], shapes: dict) -> dict[str, dict[str, float]]:
+    """What the compile time follows: HLO size and how many kernels XLA emits.
+
+    Per candidate, on the same tree: HLO instructions per leaf handed to XLA
+    (before optimization: the HLO passes scale with it), kernels per leaf in
+    the optimized entry computation (launches per step), and the number of
+    distinct fused-computation bodies once instruction names are ignored
+    (XLA:CPU emits code once per distinct body; a per-layer constant makes
+    every layer's body distinct).
+    """
+    params = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s, jnp.float32), shapes, is_leaf=_is_shape
+    )
+    n_leaves = len(jax.tree.leaves(params))
+    rows = {}
+    for name in names:
+        opt = CANDIDATES[name]()
+        state = jax.eval_shape(opt.init, params)
+        lowered = _opt_step(opt).lower(params, state, params)
+        hlo = lowered.as_text(dialect="hlo")
+        ops_in = len(re.findall(r"= \S+ [a-z][\w-]*\(", hlo))
+        optimized = lowered.compile().as_text()
+        entry = optimized[optimized.index("\nENTRY") :]
+        kernels = [
+            m.group(1)
+            for m in re.finditer(r"^\s*(?:ROOT )?%\S+ = \S+ ([a-z][\w-]*)\(", entry, re.M)
+            if m.group(1) not in _NOT_KERNELS
+        ]
+        bodies = re.findall(r"^%fused_computation[^\n]*\{\n(.*?)\n\}", optimized, re.M | re.S)
+        distinct = {re.sub(r"%[\w.\-]+|, metadata=\{[^}]*\}", "", b) for b in bodies}
+        rows[name] = {
+            "hlo_ops_per_leaf": ops_in / n_leaves,
+            "kernels_per_leaf": len(kernels) / n_leaves,
+            "distinct_fused_bodies": len(distinct),
+        }
+    return rows
+
+
 def memory(names: list[str], shapes: dict) -> dict[str, dict[str, float]]:
     params = jax.tree.map(
         lambda s: jax.ShapeDtypeStruct(s, jnp.float32), shapes, is_leaf=_is_shape
@@ -543,6 +586,17 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"  {name:<22} {r['trace_s']:>8.3f} {r['compile_s']:>10.3f} "
                 f"{r['total_s']:>8.3f} {_fmt_ratio(r['ratio'], t):>10} {r['cpu_ratio']:>10.3f}"
+            )
+        profile = hlo_profile(names, shapes)
+        print(
+            f"\n  {'optimizer':<22} {'HLO ops/leaf':>12} {'kernels/leaf':>13} "
+            f"{'distinct fused bodies':>22}"
+        )
+        for name, r in profile.items():
+            rows[name].update(r)
+            print(
+                f"  {name:<22} {r['hlo_ops_per_leaf']:>12.1f} {r['kernels_per_leaf']:>13.2f} "
+                f"{r['distinct_fused_bodies']:>22d}"
             )
         results["compile-1000"] = rows
 
