@@ -27,7 +27,8 @@ import jax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import adaptive_moments as am  # noqa: E402
-from adaptive_moments.experiments import (  # noqa: E402  # noqa: E402
+from adaptive_moments.experiments import (  # noqa: E402
+    PRESETS,
     DataMissingError,
     ExperimentConfig,
     config_from_args,
@@ -238,6 +239,19 @@ def test_default_is_the_quick_fashion_mnist_comparison():
     assert len(cfg.seeds) == 3
     cfg = config_from_args(["--preset", "mlp_paper", "--num-seeds", "4", "--lr", "0.01"])
     assert cfg.seeds == [0, 1, 2, 3] and cfg.lr == 0.01 and cfg.early_stopping == 25
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_resolves(preset):
+    # A published command names a preset: it must parse into a runnable config.
+    from adaptive_moments.experiments.tasks import TASKS
+
+    cfg = config_from_args(["--preset", preset])
+    assert cfg.preset == preset and cfg.task in TASKS and cfg.seeds
+    for text in cfg.optimizers:
+        parse_optimizer(text)  # raises on an unknown name or option
+    resolved = cfg.resolved(TASKS[cfg.task].defaults)
+    assert resolved.restore_best == (cfg.early_stopping is not None)
 
 
 def test_optimizer_specs():
