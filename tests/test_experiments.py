@@ -218,6 +218,41 @@ def test_cli_main_runs_and_prints_paths(tmp_path, capsys):
     assert f"json: {tmp_path / 'cli.json'}" in out and (tmp_path / "cli.json").is_file()
 
 
+def test_merge_pools_seeds_like_one_run(tmp_path, capsys):
+    # Seeds run in two sessions and merged give the table of one run with all seeds.
+    common = [
+        "--task", "regression_mlp", "--model", "8", "--optimizers", "adam", "caadam_depth",
+        "--epochs", "3", "--output-dir", str(tmp_path), "--no-progress", "--no-plot",
+    ]  # fmt: skip
+    for name, seeds in (("both", ["0", "1", "2"]), ("a", ["0", "2"]), ("b", ["1"])):
+        assert main([*common, "--seeds", *seeds, "--name", name]) == 0
+    parts = [str(tmp_path / "a.json"), str(tmp_path / "b.json")]
+    assert main(["--merge", *parts, "--name", "merged", "--output-dir", str(tmp_path)]) == 0
+    capsys.readouterr()
+    both = json.loads((tmp_path / "both.json").read_text())
+    merged = json.loads((tmp_path / "merged.json").read_text())
+    assert merged["config"]["seeds"] == [0, 1, 2] and merged["merged_from"] == parts
+    assert (tmp_path / "merged.md").is_file() and (tmp_path / "merged.png").is_file()
+    for lab, runs in both["groups"][0]["runs"].items():
+        got = merged["groups"][0]["runs"][lab]
+        assert [r["seed"] for r in got] == [0, 1, 2]
+        np.testing.assert_allclose(
+            [r["test_metric"] for r in got], [r["test_metric"] for r in runs], rtol=1e-6
+        )
+        want_s = both["groups"][0]["summary"]["optimizers"][lab]
+        got_s = merged["groups"][0]["summary"]["optimizers"][lab]
+        assert got_s["test_metric_mean"] == pytest.approx(want_s["test_metric_mean"], rel=1e-6)
+        if want_s["p_welch_vs_adam"] is not None:
+            assert got_s["p_welch_vs_adam"] == pytest.approx(want_s["p_welch_vs_adam"], rel=1e-4)
+    # A seed twice, or a different option, is refused with a one-line error (exit 2).
+    assert main(["--merge", parts[0], str(tmp_path / "both.json")]) == 2
+    assert "seed(s) [0, 2] appear in more than one report" in capsys.readouterr().err
+    assert main([*common, "--seeds", "5", "--lr", "0.1", "--name", "other"]) == 0
+    assert main(["--merge", parts[0], str(tmp_path / "other.json")]) == 2
+    err = capsys.readouterr().err
+    assert "other.json differs from" in err and err.rstrip().endswith("in lr."), err
+
+
 def test_missing_fashion_mnist_exits_2_with_install_hint(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(data_lib.FASHION_MNIST_ENV, str(tmp_path))  # an empty folder
     code = main(["--epochs", "1", "--output-dir", str(tmp_path), "--no-progress"])

@@ -103,6 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="no progress bars (one line per run instead)",
     )
     a("--no-plot", dest="plot", action="store_false", default=None, help="skip the PNG")
+    a(
+        "--merge",
+        nargs="+",
+        metavar="JSON",
+        help="instead of training: pool the seeds of earlier JSON reports of the same "
+        "comparison into one table, plot and JSON (with --name, --output-dir, --no-plot)",
+    )
     return parser
 
 
@@ -155,8 +162,6 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
     data = task.load(cfg)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     name = cfg.name or f"{cfg.preset or cfg.task}_{stamp}"
-    out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     print(
         f"{task.name}: {task.description}\n"
         f"  data: {data.info}\n"
@@ -166,23 +171,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
     )
     groups = []
     for model_name in task.model_names(cfg):
-        group = run_group(task, data, cfg, model_name, specs)
-        group["summary"] = report.summarize(group, task.higher_is_better, cfg.target_loss)
-        group["table"] = report.format_table(group["summary"], task.metric, len(cfg.seeds))
-        groups.append(group)
-        print(f"\n{task.name}, model {model_name} ({group['num_params']:,} parameters)")
-        print(group["table"], flush=True)
-
-    paths = {"json": str(out_dir / f"{name}.json"), "table": str(out_dir / f"{name}.md")}
-    if cfg.plot:
-        paths["png"] = str(out_dir / f"{name}.png")
-        title = f"{task.name} ({name}): mean over seeds {cfg.seeds}"
-        report.plot(groups, task.metric, title, Path(paths["png"]))
-    wall = time.perf_counter() - t_start
-    with open(paths["table"], "w") as f:
-        f.write(f"# {task.name} ({name})\n\nseeds {cfg.seeds}, wall time {wall:.0f} s\n")
-        for g in groups:
-            f.write(f"\n## model {g['model']} ({g['num_params']:,} parameters)\n\n{g['table']}\n")
+        groups.append(run_group(task, data, cfg, model_name, specs))
     result = {
         "config": dataclasses.asdict(cfg),
         "task": {
@@ -195,18 +184,132 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
         "optimizers": {s.label: {"name": s.name, "kwargs": s.kwargs, "lr": s.lr} for s in specs},
         "groups": groups,
         "versions": report.versions(),
-        "wall_time_s": wall,
-        "paths": paths,
     }
+    return _summarize_and_write(result, name, time.perf_counter() - t_start)
+
+
+def _summarize_and_write(result: dict[str, Any], name: str, wall: float) -> dict[str, Any]:
+    """Adds each group's summary and table, prints them, writes MD/PNG/JSON."""
+    from adaptive_moments.experiments import report
+
+    cfg, task = result["config"], result["task"]
+    seeds = cfg["seeds"]
+    for g in result["groups"]:
+        g["summary"] = report.summarize(g, task["higher_is_better"], cfg["target_loss"])
+        g["table"] = report.format_table(g["summary"], task["metric"], len(seeds))
+        print(f"\n{task['name']}, model {g['model']} ({g['num_params']:,} parameters)")
+        print(g["table"], flush=True)
+    out_dir = Path(cfg["output_dir"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": str(out_dir / f"{name}.json"), "table": str(out_dir / f"{name}.md")}
+    if cfg["plot"]:
+        paths["png"] = str(out_dir / f"{name}.png")
+        title = f"{task['name']} ({name}): mean over seeds {seeds}"
+        report.plot(result["groups"], task["metric"], title, Path(paths["png"]))
+    with open(paths["table"], "w") as f:
+        f.write(f"# {task['name']} ({name})\n\nseeds {seeds}, wall time {wall:.0f} s\n")
+        for g in result["groups"]:
+            f.write(f"\n## model {g['model']} ({g['num_params']:,} parameters)\n\n{g['table']}\n")
+    result = dict(result, wall_time_s=wall, paths=paths)
     report.write_json(result, Path(paths["json"]))
     return result
+
+
+# Config fields that may differ between reports that are merged.
+_MERGE_FREE = ("seeds", "name", "preset", "output_dir", "progress", "plot")
+
+
+def merge_reports(
+    paths: list[str], name: str | None = None, output_dir: str | None = None, plot: bool = True
+) -> dict[str, Any]:
+    """Combines JSON reports of one comparison run with different seeds.
+
+    The reports must agree on the task, the data, the optimizers and every
+    option but the seeds (and the output names); their runs are pooled per
+    optimizer and model, the statistics, table and plot are made anew, and
+    the wall time is the sum. Lets a small machine collect seeds over several
+    sessions.
+
+    Raises:
+      ValueError: fewer than two reports, a seed in two of them, or a
+        difference in anything but the seeds.
+    """
+    import json
+
+    if len(paths) < 2:
+        raise ValueError("--merge needs at least two JSON reports.")
+    reports = []
+    for path in paths:
+        with open(path) as f:
+            reports.append(json.load(f))
+    first = reports[0]
+
+    def fixed(r: dict[str, Any]) -> dict[str, Any]:
+        cfg = {k: v for k, v in r["config"].items() if k not in _MERGE_FREE}
+        models = [(g["model"], g["num_params"], g["param_order"]) for g in r["groups"]]
+        return {
+            "config": cfg,
+            "task": r["task"],
+            "data": r["data"],
+            "optimizers": r["optimizers"],
+            "models": models,
+        }
+
+    ref = fixed(first)
+    seen: set[int] = set()
+    for path, r in zip(paths, reports, strict=True):
+        other = fixed(r)
+        diff = sorted(k for k in ref if other[k] != ref[k])
+        if diff:
+            keys = diff
+            if "config" in diff:
+                keys = sorted(
+                    k for k in ref["config"] if other["config"].get(k) != ref["config"][k]
+                )
+            raise ValueError(f"{path} differs from {paths[0]} in {', '.join(keys)}.")
+        dup = seen.intersection(r["config"]["seeds"])
+        if dup:
+            raise ValueError(f"seed(s) {sorted(dup)} appear in more than one report.")
+        seen.update(r["config"]["seeds"])
+
+    seeds = sorted(seen)
+    groups = []
+    for gi, g in enumerate(first["groups"]):
+        runs = {
+            label: sorted(
+                (run for r in reports for run in r["groups"][gi]["runs"][label]),
+                key=lambda run: run["seed"],
+            )
+            for label in g["runs"]
+        }
+        groups.append({k: g[k] for k in ("model", "num_params", "param_order", "layer_table")})
+        groups[-1]["runs"] = runs
+    cfg = dict(first["config"], seeds=seeds, plot=plot)
+    if output_dir is not None:
+        cfg["output_dir"] = output_dir
+    name = name or f"{first['config'].get('name') or first['task']['name']}_merged"
+    cfg["name"] = name
+    result = {
+        "config": cfg,
+        "task": first["task"],
+        "data": first["data"],
+        "optimizers": first["optimizers"],
+        "groups": groups,
+        "versions": first["versions"],
+        "merged_from": list(paths),
+    }
+    return _summarize_and_write(result, name, sum(r["wall_time_s"] for r in reports))
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (2 when data is missing)."""
     cfg = config_from_args(argv)
+    merge = build_parser().parse_args(argv).merge
     try:
-        result = run_experiment(cfg)
+        if merge:
+            result = merge_reports(merge, cfg.name, cfg.output_dir, cfg.plot)
+        else:
+            result = run_experiment(cfg)
     except DataMissingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -219,4 +322,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["build_parser", "config_from_args", "config_lib", "main", "run_experiment"]
+__all__ = [
+    "build_parser",
+    "config_from_args",
+    "config_lib",
+    "main",
+    "merge_reports",
+    "run_experiment",
+]
