@@ -329,10 +329,20 @@ def summarize(times: dict[str, tuple[list[float], list[float]]]) -> dict[str, di
     return rows
 
 
+def abstract_tree(shapes: dict) -> dict:
+    """The tree of float32 ShapeDtypeStructs: lowering without allocating."""
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32), shapes, is_leaf=_is_shape)
+
+
+def _lower_opt_step(name: str, params: dict) -> tuple[Any, Any]:
+    """The candidate's abstract state and its lowered optimizer-only step."""
+    opt = CANDIDATES[name]()
+    state = jax.eval_shape(opt.init, params)
+    return state, _opt_step(opt).lower(params, state, params)
+
+
 def compile_times(names: list[str], shapes: dict, reps: int) -> dict[str, dict[str, float]]:
-    params = jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s, jnp.float32), shapes, is_leaf=_is_shape
-    )
+    params = abstract_tree(shapes)
     trace: dict[str, list[float]] = {n: [] for n in names}
     comp: dict[str, list[float]] = {n: [] for n in names}
     cpu: dict[str, list[float]] = {n: [] for n in names}
@@ -383,15 +393,11 @@ def hlo_profile(names: list[str], shapes: dict) -> dict[str, dict[str, float]]:
     (XLA:CPU emits code once per distinct body; a per-layer constant makes
     every layer's body distinct).
     """
-    params = jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s, jnp.float32), shapes, is_leaf=_is_shape
-    )
+    params = abstract_tree(shapes)
     n_leaves = len(jax.tree.leaves(params))
     rows = {}
     for name in names:
-        opt = CANDIDATES[name]()
-        state = jax.eval_shape(opt.init, params)
-        lowered = _opt_step(opt).lower(params, state, params)
+        _, lowered = _lower_opt_step(name, params)
         hlo = lowered.as_text(dialect="hlo")
         ops_in = len(re.findall(r"= \S+ [a-z][\w-]*\(", hlo))
         optimized = lowered.compile().as_text()
@@ -412,16 +418,13 @@ def hlo_profile(names: list[str], shapes: dict) -> dict[str, dict[str, float]]:
 
 
 def memory(names: list[str], shapes: dict) -> dict[str, dict[str, float]]:
-    params = jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s, jnp.float32), shapes, is_leaf=_is_shape
-    )
+    params = abstract_tree(shapes)
     n_leaves = len(jax.tree.leaves(params))
     rows = {}
     for name in names:
-        opt = CANDIDATES[name]()
-        state = jax.eval_shape(opt.init, params)
+        state, lowered = _lower_opt_step(name, params)
         state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
-        compiled = _opt_step(opt).lower(params, state, params).compile()
+        compiled = lowered.compile()
         m = compiled.memory_analysis()
         peak = (
             m.argument_size_in_bytes

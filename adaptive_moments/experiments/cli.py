@@ -115,7 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(argv: list[str] | None = None) -> ExperimentConfig:
     """Parses the command line into a config (preset, then explicit options)."""
-    args = build_parser().parse_args(argv)
+    return _config(build_parser().parse_args(argv))
+
+
+def _config(args: argparse.Namespace) -> ExperimentConfig:
     if args.preset:
         base: dict[str, Any] = dict(PRESETS[args.preset], preset=args.preset)
     elif args.task:
@@ -303,11 +306,11 @@ def merge_reports(
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (2 when data is missing)."""
-    cfg = config_from_args(argv)
-    merge = build_parser().parse_args(argv).merge
+    args = build_parser().parse_args(argv)
+    cfg = _config(args)
     try:
-        if merge:
-            result = merge_reports(merge, cfg.name, cfg.output_dir, cfg.plot)
+        if args.merge:
+            result = merge_reports(args.merge, cfg.name, cfg.output_dir, cfg.plot)
         else:
             result = run_experiment(cfg)
     except DataMissingError as e:
