@@ -1,7 +1,5 @@
 """CaAdam: Adam with a connection-aware learning-rate factor per layer."""
 
-from __future__ import annotations
-
 from typing import Any, NamedTuple
 
 import jax
@@ -66,11 +64,14 @@ def scale_by_connection_aware(
         )
 
     def update_fn(updates, state, params=None, **extra_args):
-        del params, extra_args
+        del extra_args
         _paths.check_not_flattened(updates, who)
-        table = _layers.resolve_table(layers, updates, who)
-        scales = _scaling.scale_factors(
-            table, strategy, resolved_gamma, structure=structure, signed=signed
+        scales = _scaling.LeafScales(
+            _layers.resolve_table(layers, updates, who),
+            strategy,
+            resolved_gamma,
+            structure=structure,
+            signed=signed,
         )
         count = _moments.increment(state.count)
         mu, nu = _moments.update_moments(updates, state.mu, state.nu, b1, b2)
@@ -87,7 +88,9 @@ def scale_by_connection_aware(
         if amsgrad and eps_placement == "keras":
             # Keras: max of the raw v, kept raw.
             nu_max = jax.tree.map(
-                lambda a, b: None if b is None else jnp.maximum(a, b),
+                lambda a, b: (
+                    None if b is None else jnp.maximum(a, b) if _moments.is_trained(b) else a
+                ),
                 state.nu_max,
                 nu,
                 is_leaf=_paths.is_none,
@@ -95,10 +98,10 @@ def scale_by_connection_aware(
         elif amsgrad:
             # optax.amsgrad: max of the bias-corrected v.
             def corrected_max(old, v):
-                if v is None:
-                    return None
+                if v is None or not _moments.is_trained(v):
+                    return old if v is not None else None
                 cd = _moments.compute_dtype(v.dtype)
-                bc2 = scalars(cd)[1]
+                bc2 = _moments.cast(scalars(_moments.real_dtype(cd))[1], cd)
                 return jnp.maximum(old.astype(cd), v.astype(cd) / bc2).astype(old.dtype)
 
             nu_max = jax.tree.map(corrected_max, state.nu_max, nu, is_leaf=_paths.is_none)
@@ -106,21 +109,32 @@ def scale_by_connection_aware(
             nu_max = ()
 
         def direction(path, g, m, v, vmax):
-            info = table.lookup(path, who)
+            if not _moments.is_trained(g):
+                return None  # filled by fill_untrained
             cd = _moments.compute_dtype(g.dtype)
-            s = _scaling.broadcast_scale(scales[path], g.shape, info.stack_axis, cd)
+            rd = _moments.real_dtype(cd)
+            s = jnp.asarray(scales.for_leaf(path, g.shape, who), rd)
             m = _moments.cast(m, cd)
-            bc1, bc2, e, alpha = scalars(cd)
+            bc1, bc2, e, alpha = scalars(rd)
+            # S multiplies the finished Adam direction: folded into m first,
+            # S * m would overflow near the top of the float range.
+            # Real factors, cast to cd: a no-op unless the leaf is complex.
             if eps_placement == "keras":
-                v_used = _moments.cast(vmax if amsgrad else v, cd)
-                out = (s * alpha) * m / (jnp.sqrt(v_used) + e)
+                v_used = _moments.real_part(_moments.cast(vmax if amsgrad else v, cd))
+                den = _moments.cast(jnp.sqrt(v_used) + e, cd)
+                out = _moments.cast(s * alpha, cd) * (m / den)
             else:
-                v_hat = _moments.cast(vmax, cd) if amsgrad else _moments.cast(v, cd) / bc2
-                out = s * (m / bc1) / (jnp.sqrt(v_hat) + e)
+                if amsgrad:
+                    v_hat = _moments.real_part(_moments.cast(vmax, cd))
+                else:
+                    v_hat = _moments.real_part(_moments.cast(v, cd)) / bc2
+                den = _moments.cast(jnp.sqrt(v_hat) + e, cd)
+                out = _moments.cast(s, cd) * ((m / _moments.cast(bc1, cd)) / den)
             return _moments.cast(out, g.dtype)
 
         vmax_tree = nu_max if amsgrad else nu
         new_updates = _paths.map_with_path(direction, updates, mu, nu, vmax_tree)
+        new_updates = _moments.fill_untrained(new_updates, updates, params)
         mu = optax.tree.cast(mu, mu_dtype)
         return new_updates, ScaleByConnectionAwareState(count=count, mu=mu, nu=nu, nu_max=nu_max)
 

@@ -1,7 +1,5 @@
 """EXAdam: Adam with cross-moment debiasing and gradient acceleration."""
 
-from __future__ import annotations
-
 from typing import Any, NamedTuple
 
 import jax
@@ -46,7 +44,7 @@ def scale_by_exadam(
         return ScaleByExadamState(count=jnp.zeros([], jnp.int32), mu=mu, nu=nu)
 
     def update_fn(updates, state, params=None, **extra_args):
-        del params, extra_args
+        del extra_args
         count = _moments.increment(state.count)
         mu, nu = _moments.update_moments(updates, state.mu, state.nu, b1, b2)
 
@@ -57,7 +55,8 @@ def scale_by_exadam(
             log_factor = (
                 jnp.log(jnp.sqrt(2 * (count.astype(cd) + 1))) if log_step_size else None
             )
-            return b1t, b2t, 1 / (1 - b1t), 1 / (1 - b2t), jnp.asarray(eps, cd), log_factor
+            inv_bc1, inv_bc2 = 1 / (1 - b1t), 1 / (1 - b2t)
+            return b1t, b2t, 1 + b1t, 1 + b2t, inv_bc1, inv_bc2, jnp.asarray(eps, cd), log_factor
 
         # Scalars shared by all leaves of a dtype, built once (small traces).
         scalars = _moments.per_dtype(make_scalars)
@@ -65,24 +64,34 @@ def scale_by_exadam(
         def direction(g, m, v):
             if g is None:
                 return None
+            if not _moments.is_trained(g):
+                return None  # filled by fill_untrained
             cd = _moments.compute_dtype(g.dtype)
-            g32, m, v = _moments.cast(g, cd), _moments.cast(m, cd), _moments.cast(v, cd)
-            b1t, b2t, inv_bc1, inv_bc2, e, log_factor = scalars(cd)
-            d1 = 1 + (v / (v + e)) * b2t  # cross factor of m and g: uses v
-            m2 = m * m
-            d2 = 1 + (m2 / (m2 + e)) * b1t  # cross factor of v: uses m
+            rd = _moments.real_dtype(cd)
+            g32, m = _moments.cast(g, cd), _moments.cast(m, cd)
+            v = _moments.real_part(_moments.cast(v, cd))
+            b1t, b2t, one_b1t, one_b2t, inv_bc1, inv_bc2, e, log_factor = scalars(rd)
+            # The cross factors 1 + b^t x/(x+e), written 1 + b^t - b^t e/(x+e):
+            # the same operation count, and x = inf (|g|^2 or m^2 overflowed)
+            # gives 1 + b^t instead of inf/inf = NaN.
+            d1 = one_b2t - b2t * (e / (v + e))  # cross factor of m and g: uses v
+            m2 = _moments.abs_sq(m)
+            d2 = one_b1t - b1t * (e / (m2 + e))  # cross factor of v: uses m
             # Times 1/bc, not / bc: three divisions per element fewer (they
             # dominate the step's cost on CPU), a rounding-level difference
             # (XLA made the same rewrite of v / bc2 on its own).
-            m_t = (m * inv_bc1) * d1
+            # Real factors, cast to cd: a no-op unless the leaf is complex.
+            inv_bc1_c, d1_c = _moments.cast(inv_bc1, cd), _moments.cast(d1, cd)
+            m_t = (m * inv_bc1_c) * d1_c
+            g_t = (g32 * inv_bc1_c) * d1_c
             v_t = (v * inv_bc2) * d2
-            g_t = (g32 * inv_bc1) * d1
-            out = (m_t + g_t) / (jnp.sqrt(v_t) + e)
+            out = (m_t + g_t) / _moments.cast(jnp.sqrt(v_t) + e, cd)
             if log_step_size:
-                out = log_factor * out
+                out = _moments.cast(log_factor, cd) * out
             return _moments.cast(out, g.dtype)
 
         new_updates = jax.tree.map(direction, updates, mu, nu, is_leaf=_paths.is_none)
+        new_updates = _moments.fill_untrained(new_updates, updates, params)
         mu = optax.tree.cast(mu, mu_dtype)
         return new_updates, ScaleByExadamState(count=count, mu=mu, nu=nu)
 

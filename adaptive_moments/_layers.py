@@ -39,12 +39,10 @@ them: slice 0 of every layer of the stack, then slice 1, ...
 Depth levels are always renumbered densely ``0 .. d_m - 1``.
 """
 
-from __future__ import annotations
-
 import dataclasses
 import math
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -136,7 +134,9 @@ class LayerInfo:
         ``""`` when the table was built from paths only.
       uses: how many times the layer is applied in one forward pass (2 for
         a tied embedding used by ``Embed.__call__`` and ``Embed.attend``);
-        its depth is that of its first use.
+        its depth is that of its first use. 0 for a parameter the forward
+        pass does not use (the traced outputs do not depend on it, so its
+        gradient is zero; see :attr:`used`).
       aliases: other paths under which the same parameter is reachable (an
         nnx module shared by two attributes); the optimizer sees it once.
     """
@@ -174,6 +174,17 @@ class LayerInfo:
         """Whether the parameter is used more than once or shared."""
         return self.uses > 1 or bool(self.aliases)
 
+    @property
+    def used(self) -> bool:
+        """Whether the forward pass uses the parameter (``uses > 0``).
+
+        Only the Flax labelers detect unused parameters. An unused one takes
+        no depth level of its own: it sits on the last level of the used
+        parameters (S = 1 under the depth strategy), so it shifts no other
+        depth; ``format`` shows its depth as ``unused``.
+        """
+        return self.uses > 0
+
 
 def _format_depth(depth: tuple[int, ...]) -> str:
     if len(set(depth)) == 1:  # unstacked, or parallel slices (a vmap ensemble)
@@ -186,6 +197,30 @@ def _format_depth(depth: tuple[int, ...]) -> str:
     if len(steps) == 1:
         return f"{depth[0]}..{depth[-1]}:{steps.pop()}"
     return f"{depth[0]},{depth[1]},..,{depth[-1]}"
+
+
+def _in_shard_map() -> bool:
+    """Whether we are tracing inside ``shard_map`` (leaves are then shards)."""
+    return bool(jax.sharding.get_abstract_mesh().manual_axes)
+
+
+def _check_row_shape(row: LayerInfo, shape: tuple[int, ...], who: str) -> None:
+    if shape == row.shape:
+        return
+    if (
+        len(shape) == len(row.shape)
+        and all(n > 0 and full % n == 0 for n, full in zip(shape, row.shape))
+        and _in_shard_map()
+    ):
+        return  # a shard of the row's leaf
+    stack = "" if row.stack_axis is None else f", stack axis {row.stack_axis}"
+    raise ValueError(
+        f"{who}: the layer table's row for {row.path!r} has shape {row.shape}{stack}, "
+        f"but the parameter has shape {shape}. The table was built for another "
+        "model or configuration; rebuild it from this parameter tree "
+        "(am.layer_table(params), am.flax.linen_layer_table / nnx_layer_table), or "
+        "pass a callable `layers=` that builds it from the tree it receives."
+    )
 
 
 class LayerTable(Mapping[str, LayerInfo]):
@@ -239,13 +274,30 @@ class LayerTable(Mapping[str, LayerInfo]):
             return 0
         return 1 + max(max(r.depth) for r in self._rows)
 
-    def lookup(self, path: str, who: str) -> LayerInfo:
+    def _find(self, path: str) -> LayerInfo | None:
+        row = self._by_path.get(path)
+        if row is not None:
+            return row
+        head, _, rest = path.partition("/")
+        if head == "params" and rest in self._by_path:
+            return self._by_path[rest]
+        return self._by_path.get("params/" + path)
+
+    def lookup(self, path: str, who: str, shape: Sequence[int] | None = None) -> LayerInfo:
         """The row of ``path``; a clear ``ValueError`` when it is missing.
 
-        A table built from a full linen ``variables`` dict labels the
-        ``params`` collection under paths without the ``params/`` prefix; a
-        path with that prefix is looked up without it (and the other way
-        round), so one table serves ``variables`` and ``variables['params']``.
+        This is the one route from an update's leaf to its row, shared by
+        every per-layer transformation (and, through the row's path, by
+        CaAdam's factors). A table built from a full linen ``variables`` dict
+        labels the ``params`` collection under paths without the ``params/``
+        prefix; a path with that prefix is looked up without it (and the other
+        way round), so one table serves ``variables`` and
+        ``variables['params']``.
+
+        With ``shape`` (the leaf's shape) the row must describe that leaf: a
+        table built for another model or configuration would silently change
+        the per-layer statistics. Inside ``shard_map`` a leaf is a shard of
+        the row's shape: each of its dimensions must divide the row's.
 
         Example:
           >>> import jax.numpy as jnp
@@ -254,14 +306,20 @@ class LayerTable(Mapping[str, LayerInfo]):
           >>> table.lookup('params/d/kernel', 'me').path
           'd/kernel'
         """
-        row = self._by_path.get(path)
+        row = self._find(path)
         if row is not None:
+            if shape is not None:
+                _check_row_shape(row, tuple(int(n) for n in shape), who)
             return row
-        head, _, rest = path.partition("/")
-        if head == "params" and rest in self._by_path:
-            return self._by_path[rest]
-        if "params/" + path in self._by_path:
-            return self._by_path["params/" + path]
+        head = path.partition("/")[0]
+        if len(self._rows) == 1 and self._rows[0].path == "" and self._rows[0].shape == ():
+            raise ValueError(
+                f"{who}: parameter {path!r} is not in the layer table, which was built "
+                "from a single scalar. Under optax.inject_hyperparams a callable "
+                "`layers=` is taken for a schedule and called with the step count: "
+                "declare it static, e.g. optax.inject_hyperparams(am.caadam, "
+                "static_args=('layers',))(learning_rate=..., layers=fn)."
+            )
         known = ", ".join(list(self._by_path)[:8])
         hint = (
             f" {head!r} is a linen collection that is not trained: pass only "
@@ -287,7 +345,8 @@ class LayerTable(Mapping[str, LayerInfo]):
         """Renders the table as text, with CaAdam's S for ``strategy``.
 
         Columns: path, layer, module type (when known), depth (a range or a
-        list for stacked leaves), fan-in, fan-out, connections, stack axis
+        list for stacked leaves; ``unused`` for a parameter the forward pass
+        does not use), fan-in, fan-out, connections, stack axis
         (``axis (xL)``), ``tied`` (when some parameter is used more than once
         (``x2``) or shared (``=other/path``)) and S.
 
@@ -338,7 +397,7 @@ class LayerTable(Mapping[str, LayerInfo]):
             if show_module:
                 row.append(r.module or "?")
             row += [
-                _format_depth(r.depth),
+                _format_depth(r.depth) if r.used else "unused",
                 str(r.fan_in) if r.connections else "-",
                 str(r.fan_out) if r.connections else "-",
                 str(r.connections),
@@ -650,6 +709,7 @@ def assemble(
     depths: Mapping[str, int | Sequence[int]] | None = None,
     uses: Mapping[str, int] | None = None,
     aliases: Mapping[str, Sequence[str]] | None = None,
+    unused: Collection[str] | None = None,
 ) -> LayerTable:
     """Puts depths on leaf specs and returns the table in forward order.
 
@@ -664,9 +724,16 @@ def assemble(
         one int per slice).
       uses: applications per layer in one forward pass.
       aliases: other paths of a parameter.
+      unused: paths of parameters the forward pass does not use. They get
+        ``uses == 0``, take no place in the order or the levels (a layer
+        with no used parameter is skipped) and go on the last level of the
+        used parameters, after them, unless ``depths`` names them.
     """
+    unused = frozenset(unused or ())
     layer_of = {s.path: s.layer for s in specs}
     layer_names = {s.layer for s in specs}
+    # Only layers with a used parameter take places in the order or levels.
+    used_layers = {s.layer for s in specs if s.path not in unused}
     layer_pos: dict[str, int] = {}
     for name in order or ():
         # Strings are taken as they are: normalize_path would drop a trailing
@@ -689,11 +756,12 @@ def assemble(
         num_slices[s.layer] = max(prev or 1, s.num_slices)
 
     if levels is not None:
-        # Dataflow levels; unused layers after the deepest, in layer order.
+        # Dataflow levels; used layers without an application (a parameter
+        # that reaches the outputs without meeting data) after the deepest.
         unit_depth: dict[tuple[str, int], float] = {}
         top = max(levels.values(), default=0)
         extra = 0
-        for layer in sorted(layer_names, key=layer_pos.get):
+        for layer in sorted(used_layers, key=layer_pos.get):
             for i in range(num_slices[layer]):
                 lv = levels.get((layer, i), levels.get((layer, None)))
                 if lv is None:
@@ -702,7 +770,7 @@ def assemble(
                 unit_depth[(layer, i)] = lv
     else:
         owners = _stack_owners(specs)
-        ordered = sorted(layer_names, key=layer_pos.get)
+        ordered = sorted(used_layers, key=layer_pos.get)
         units: list[tuple[str, int]] = []
         placed: set[str] = set()
         for layer in ordered:
@@ -723,10 +791,13 @@ def assemble(
             placed.update(group)
         unit_depth = {u: k for k, u in enumerate(units)}
 
-    rows = []
+    pending: list[tuple[LeafSpec, tuple[float, ...] | None]] = []
     for s in specs:
         n = s.num_slices
-        if s.stack_axis is None and num_slices[s.layer] > 1:
+        depth: tuple[float, ...] | None = None  # unused: set below
+        if s.path in unused:
+            pass
+        elif s.stack_axis is None and num_slices[s.layer] > 1:
             # An unstacked leaf of a stacked layer is shared by every slice.
             depth = (unit_depth[(s.layer, 0)],)
         else:
@@ -742,6 +813,12 @@ def assemble(
                         f"depths for {s.path!r} has {len(depth)} entries; the "
                         f"parameter has {n} slices."
                     )
+        pending.append((s, depth))
+    # An unused parameter gets zero gradients whatever its S: it goes on the
+    # last level already there, so it neither adds a level nor shifts one.
+    last = max((d for _, depth in pending if depth is not None for d in depth), default=0)
+    rows = []
+    for s, depth in pending:
         rows.append(
             LayerInfo(
                 s.path,
@@ -750,10 +827,10 @@ def assemble(
                 s.fan_in,
                 s.fan_out,
                 s.connections,
-                depth,  # type: ignore[arg-type]
+                (last,) * s.num_slices if depth is None else depth,  # type: ignore[arg-type]
                 s.stack_axis,
                 s.module,
-                int((uses or {}).get(s.layer, 1)),
+                0 if s.path in unused else max(1, int((uses or {}).get(s.layer, 1))),
                 tuple((aliases or {}).get(s.path, ())),
             )
         )
@@ -761,7 +838,7 @@ def assemble(
     all_levels = sorted({d for r in rows for d in r.depth})
     dense = {d: k for k, d in enumerate(all_levels)}
     rows = [dataclasses.replace(r, depth=tuple(dense[d] for d in r.depth)) for r in rows]
-    rows.sort(key=lambda r: (min(r.depth), layer_pos[r.layer], _leaf_rank(r.path)))
+    rows.sort(key=lambda r: (min(r.depth), not r.used, layer_pos[r.layer], _leaf_rank(r.path)))
     return LayerTable(rows)
 
 

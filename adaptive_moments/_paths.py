@@ -3,12 +3,10 @@
 Optax only ever sees a pytree, and the same parameter reaches a transformation
 under different key paths: nnx ``State`` at ``init`` ends its paths in
 ``.value`` while ``nnx.Optimizer.update`` passes plain arrays, and linen
-``Partitioned`` boxes add a ``.value`` too (``ecosystem.md`` §2.4). All layer
+``Partitioned`` boxes add a ``.value`` too (``docs/ecosystem.md`` §2.4). All layer
 metadata in this package is keyed by the normalised ``/``-joined path made here,
 never by zipping a pre-built tree with the updates.
 """
-
-from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence

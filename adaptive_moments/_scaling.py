@@ -1,6 +1,6 @@
 """CaAdam's scaling factor S: the connection statistics and the three formulas.
 
-This module is the one place where S is defined (``caadam.md`` §2-§4).
+This module is the one place where S is defined (``docs/caadam.md`` §2-§4).
 
 Units. S is constant per *unit*; what a unit is depends on ``structure``:
 
@@ -29,13 +29,11 @@ Formulas, with ``a = (med - c)/(med - c_min)`` for ``c <= med`` and
 * depth: ``S = (1 + gamma) ** ((d_m - (1 + d)) / d_m)``.
 
 In ``"layer"``/``"variable"`` a zero denominator (``med == c_min`` or
-``med == c_max``) counts as distance 0, so S is always finite (``caadam.md`` §4).
+``med == c_max``) counts as distance 0, so S is always finite (``docs/caadam.md`` §4).
 
 The distances are host constants (float64 NumPy); gamma may be a traced value
 under ``optax.inject_hyperparams``, so the last step uses ``jnp`` then.
 """
-
-from __future__ import annotations
 
 from typing import Any
 
@@ -111,7 +109,7 @@ def signed_distance(c: np.ndarray, u: UnitData, safe: bool) -> np.ndarray:
     lo = u.median - u.c_min
     hi = u.c_max - u.median
     with np.errstate(divide="ignore", invalid="ignore"):
-        if safe:  # a zero denominator means distance 0 (caadam.md section 4)
+        if safe:  # a zero denominator means distance 0 (docs/caadam.md §4)
             below = (u.median - c) / lo if lo != 0 else np.zeros_like(c)
             above = (u.median - c) / hi if hi != 0 else np.zeros_like(c)
         else:  # the reference's IEEE arithmetic: x/0 = inf, 0/0 = NaN
@@ -189,23 +187,45 @@ def _check_slices(n: int, shape: tuple[int, ...], stack_axis: int | None) -> Non
         )
 
 
-def broadcast_scale(s: Any, shape: tuple[int, ...], stack_axis: int | None, dtype: Any) -> Any:
-    """Turns a per-slice S (length 1 or L) into something that multiplies a leaf."""
+def _shaped(s: Any, shape: tuple[int, ...], stack_axis: int | None) -> Any:
+    """A per-slice S (length 1 or L) as something that multiplies a leaf.
+
+    A scalar when every slice has the same S, else a vector laid along the
+    stack axis (NumPy in, NumPy out; jnp for a traced gamma).
+    """
     if isinstance(s, np.ndarray):
         flat = s.reshape(-1)
         if flat.size == 1 or np.all(flat == flat[0]):
-            return jnp.asarray(flat[0], dtype)
-        _check_slices(flat.size, shape, stack_axis)
-        bshape = [1] * len(shape)
-        bshape[stack_axis] = flat.size
-        return jnp.asarray(flat.reshape(bshape), dtype)
-    s = jnp.asarray(s)
-    if s.size == 1:
-        return s.reshape(()).astype(dtype)
-    _check_slices(s.size, shape, stack_axis)
+            return flat[0]
+    else:
+        flat = jnp.reshape(s, (-1,))
+        if flat.size == 1:
+            return flat[0]
+    _check_slices(flat.size, shape, stack_axis)
     bshape = [1] * len(shape)
-    bshape[stack_axis] = s.size
-    return s.reshape(bshape).astype(dtype)
+    bshape[stack_axis] = flat.size
+    return flat.reshape(bshape)
+
+
+class LeafScales:
+    """CaAdam's S for the leaves of a tree: the one route from a leaf to its S.
+
+    Built once per update (or per call of :func:`scales_tree`) from the layer
+    table; :meth:`for_leaf` finds the leaf's row through
+    :meth:`LayerTable.lookup` (both path spellings, shape checked) and shapes
+    its per-slice S to multiply the leaf.
+    """
+
+    def __init__(
+        self, table: LayerTable, strategy: str, gamma: Any, *, structure: str, signed: bool
+    ):
+        self.table = table
+        self._by_row = scale_factors(table, strategy, gamma, structure=structure, signed=signed)
+
+    def for_leaf(self, path: str, shape: tuple[int, ...], who: str) -> Any:
+        """S for the leaf at ``path`` of ``shape``: a scalar or a stack-axis vector."""
+        row = self.table.lookup(path, who, shape)
+        return _shaped(self._by_row[row.path], shape, row.stack_axis)
 
 
 def scales_tree(
@@ -234,19 +254,10 @@ def scales_tree(
     from adaptive_moments import _layers, _paths
 
     table = _layers.resolve_table(layers, params, "caadam_scales")
-    scales = scale_factors(table, strategy, gamma, structure=structure, signed=signed)
+    scales = LeafScales(table, strategy, gamma, structure=structure, signed=signed)
 
     def one(path, leaf):
-        info = table.lookup(path, "caadam_scales")
-        s = np.asarray(scales[path], np.float64).reshape(-1)
-        if s.size == 1 or np.all(s == s[0]):
-            return np.float64(s[0])
-        bshape = [1] * len(info.shape)
-        bshape[info.stack_axis] = s.size
-        return s.reshape(bshape)
+        shape = _paths.leaf_shape(leaf)
+        return np.asarray(scales.for_leaf(path, shape, "caadam_scales"), np.float64)[()]
 
     return _paths.map_with_path(one, params)
-
-
-def is_traced(x: Any) -> bool:
-    return isinstance(x, jax.core.Tracer)

@@ -1,7 +1,5 @@
 """SET-Adam: Adam with the range of adaptive stepsizes suppressed per layer."""
 
-from __future__ import annotations
-
 from typing import Any, NamedTuple
 
 import jax
@@ -11,7 +9,7 @@ import optax
 from adaptive_moments import _layers, _moments, _paths, _reductions, _validation, _weight_decay
 
 # Added to sum(v^2) of the raw v in the down-scaling factor; hard-coded in the
-# reference code (set_adam.md section 2).
+# reference code (docs/set_adam.md §2).
 COS_GUARD = 1e-20
 
 
@@ -53,7 +51,7 @@ def scale_by_set_adam(
         return ScaleBySetAdamState(count=jnp.zeros([], jnp.int32), mu=mu, nu=nu)
 
     def update_fn(updates, state, params=None, **extra_args):
-        del params, extra_args
+        del extra_args
         _paths.check_not_flattened(updates, who)
         table = _layers.resolve_table(layers, updates, who) if layers is not None else None
         count = _moments.increment(state.count)
@@ -70,31 +68,38 @@ def scale_by_set_adam(
         )
 
         def direction(path, g, m, v):
+            if not _moments.is_trained(g):
+                return None  # filled by fill_untrained
             if g.size == 0:
                 return jnp.zeros_like(g)
             stack_axis = None
             if table is not None:
-                stack_axis = table.lookup(path, who).stack_axis
+                stack_axis = table.lookup(path, who, g.shape).stack_axis
             cd = _moments.compute_dtype(g.dtype)
-            v = _moments.cast(v, cd)
-            bc1, bc2, e, tau_cd, guard = scalars(cd)
-            s1, s2, vmin, d = _reductions.layer_statistics(
-                v, stack_axis, _reductions.axes_for(axis_name, path)
+            rd = _moments.real_dtype(cd)
+            v = _moments.real_part(_moments.cast(v, cd))
+            bc1, bc2, e, tau_cd, guard = scalars(rd)
+            # (1) down-scaling: s = cos^2(v, 1), per layer; c = 1 unless the
+            # layer's sum(v^2) overflows, then w and its shift are computed
+            # in units of c (a power of two: exact) and rescaled at the end.
+            s, vmin, c = _reductions.layer_statistics(
+                v, stack_axis, _reductions.axes_for(axis_name, path), guard
             )
-            # (1) down-scaling: s = (sum v)^2 / (d (sum v^2 + guard)) = cos^2(v, 1),
-            # as mu * sum(v) with mu = sum(v) / d (the reference's order): squaring
-            # sum(v) first overflows float32 sqrt(d) times earlier than sum(v^2).
-            mean = s1 / jnp.asarray(d, cd)
-            s = (mean * s1) / (s2 + guard)
             # (2) eps inside the sqrt, after bias correction; s / bc2 is one
             # per-layer factor, so the element-wise work is one multiply-add.
-            k = s / bc2
-            w = jnp.sqrt(k * v + e)
-            # (3) down-translation by tau * min(w) of the layer.
-            shift = tau_cd * jnp.sqrt(k * vmin + e)
-            return _moments.cast(_moments.cast(m, cd) / (bc1 * (w - shift)), g.dtype)
+            k = (s / bc2) * c
+            e_c = e * c
+            w = jnp.sqrt(k * v + e_c)
+            # (3) down-translation by tau * min(w) of the layer; an all-inf
+            # layer (every |g|^2 overflowed) keeps a finite shift: steps 0.
+            vmin = jnp.minimum(vmin, jnp.finfo(rd).max)
+            shift = tau_cd * jnp.sqrt(k * vmin + e_c)
+            den = _moments.cast(bc1 * (w - shift), cd)
+            out = (_moments.cast(m, cd) / den) * _moments.cast(jnp.sqrt(c), cd)
+            return _moments.cast(out, g.dtype)
 
         new_updates = _paths.map_with_path(direction, updates, mu, nu)
+        new_updates = _moments.fill_untrained(new_updates, updates, params)
         mu = optax.tree.cast(mu, mu_dtype)
         return new_updates, ScaleBySetAdamState(count=count, mu=mu, nu=nu)
 

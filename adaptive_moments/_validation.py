@@ -2,7 +2,7 @@
 
 Checks only run on concrete values: under ``optax.inject_hyperparams`` numeric
 hyperparameters arrive as traced arrays, and Python control flow on them would
-raise ``TracerBoolConversionError`` (``ecosystem.md`` §1.8).
+raise ``TracerBoolConversionError`` (``docs/ecosystem.md`` §1.8).
 """
 
 from __future__ import annotations
@@ -49,6 +49,28 @@ def check_interval(
         raise ValueError(
             f"{name} must lie in {lo}{low:g}, {hi_txt}{hi}; got {value!r}."
         )
+
+
+def check_learning_rate(value: Any) -> None:
+    """A learning rate is a finite number or a schedule (a callable).
+
+    NaN or inf would make every update NaN without an error; a string or
+    ``None`` would fail deep inside the first update.
+    """
+    if callable(value) or isinstance(value, jax.core.Tracer):
+        return
+    arr = None
+    if not isinstance(value, (str, bytes)) and value is not None:
+        try:
+            arr = np.asarray(value)
+        except Exception:  # noqa: BLE001 - reported below
+            arr = None
+    if arr is None or arr.shape != () or not np.issubdtype(arr.dtype, np.number):
+        raise ValueError(
+            f"learning_rate must be a finite number or an optax schedule; got {value!r}."
+        )
+    if not np.isfinite(arr):
+        raise ValueError(f"learning_rate must be finite; got {value!r}.")
 
 
 def check_beta(name: str, value: Any) -> None:

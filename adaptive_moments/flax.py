@@ -23,11 +23,21 @@ gives what paths and shapes alone cannot:
 * **module types and their configuration** decide the fans: ``Dense``/
   ``Linear`` ``(in, out)``; ``DenseGeneral``/``LinearGeneral`` by their
   axes (``prod(in axes) x prod(features)``; attention's query/key/value/out
-  are such layers); ``Conv`` HWIO (fan-in ``kh*kw*in``, fan-out
-  ``kh*kw*out``, connections = the number of kernel weights, as the CaAdam
-  reference counts them); ``Embed`` ``(vocab, dim)``; norms and biases have
-  no connections; LoRA adapters belong to the layer they adapt. ``fan_fn``
-  overrides any of them.
+  are such layers); ``Einsum`` by its equation (the equation given at the
+  call, else the module's ``einsum_str``): fan-in is the product of the
+  kernel axes contracted with the input (in input and kernel, not in the
+  output: ``'bi,ihj->bhj'`` has fan-in ``i``), fan-out the product of the
+  kernel axes only the kernel brings to the output (``h*j``); a kernel
+  axis in input, kernel *and* output (per-head weights, ``h`` of
+  ``'bhi,hio->bho'``) is a batch of independent maps, so it counts in
+  neither fan, only in the connections; ``Conv`` HWIO (fan-in
+  ``kh*kw*in``, fan-out ``kh*kw*out``). Connections are the number of
+  kernel weights (as the CaAdam reference counts them), which is
+  ``fan_in * fan_out`` for ``Dense`` and for an einsum without batch-like
+  kernel axes; ``Embed`` ``(vocab, dim)``; norms, biases and an einsum
+  kernel with neither contracted nor output axes (an elementwise scale)
+  have no connections; LoRA adapters belong to the layer they adapt.
+  ``fan_fn`` overrides any of them.
 * **stack axes**: from partition names (``metadata_params`` /
   ``transform_metadata`` with ``{PARTITION_NAME: 'layers'}``), else from the
   shapes the module sees inside the scan (or vmap) against the stored
@@ -41,6 +51,14 @@ gives what paths and shapes alone cannot:
   row per parameter (the optimizer sees it once), at the depth of its
   **first use**; ``LayerInfo.uses`` counts its applications and
   ``LayerInfo.aliases`` lists its other paths (the ``tied`` column).
+* **unused parameters**: the model is also traced to a jaxpr, and a
+  parameter that none of the call's outputs depends on (never read, or read
+  only into values that are thrown away: it gets zero gradients) is marked
+  ``LayerInfo.uses == 0`` (``used`` is ``False``; the table shows its depth
+  as ``unused``). It takes no depth level of its own and does not shift the
+  others: it is put on the last level of the used parameters (so the depth
+  strategy gives it S = 1), in either depth policy, for linen and nnx. A
+  layer none of whose parameters is used is left out of the forward order.
 
 Only the ``params`` collection (linen) or the ``wrt`` Variables (nnx,
 default ``nnx.Param``) are labelled; batch statistics, caches and RNG state
@@ -49,8 +67,6 @@ never are.
 This module imports flax; ``import adaptive_moments as am`` loads it lazily
 as ``am.flax``.
 """
-
-from __future__ import annotations
 
 import functools
 import inspect
@@ -63,7 +79,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from adaptive_moments import _layers
+from adaptive_moments import _layers, _paths
 
 __all__ = ["linen_layer_table", "nnx_layer_table"]
 
@@ -128,11 +144,77 @@ def _as_tuple(x: Any) -> tuple:
     return (x,)
 
 
-def _module_fans(module: Any, leaf: str, shape: tuple[int, ...]) -> tuple[int, int, int]:
-    """Fans of one slice of ``leaf`` owned by ``module``, by module type."""
+_EINSUM_TYPES = (nn.Einsum, nnx.Einsum)
+
+
+def _einsum_subscripts(spec: str) -> list[str]:
+    """Subscripts of one einsum operand; ``...`` is one token."""
+    head, dots, tail = spec.partition("...")
+    return [*head, *(["..."] if dots else []), *tail]
+
+
+def _einsum_fans(equation: str, shape: tuple[int, ...]) -> tuple[int, int, int] | None:
+    """Fans of the kernel of ``'input,kernel->output'`` (module docstring).
+
+    Contracted kernel axes (in the input, not in the output) make fan-in;
+    axes that only the kernel brings to the output make fan-out. Axes in
+    input, kernel and output (per-head weights) and kernel-only axes summed
+    away are in neither fan: a batch of independent maps, counted only in
+    the connections, which are the number of kernel weights, as for
+    ``DenseGeneral``'s ``batch_dims``. ``None`` when the equation does not
+    describe a kernel of this rank.
+
+    Example:
+      >>> _einsum_fans('bi,ihj->bhj', (4, 3, 5))
+      (4, 15, 60)
+      >>> _einsum_fans('bhi,hio->bho', (2, 4, 3))  # per head: 4 -> 3
+      (4, 3, 24)
+    """
+    lhs, arrow, out = equation.replace(" ", "").partition("->")
+    operands = lhs.split(",")
+    if not arrow or len(operands) != 2:
+        return None
+    inputs, outputs = set(_einsum_subscripts(operands[0])), set(_einsum_subscripts(out))
+    kernel = _einsum_subscripts(operands[1])
+    # '...' spans the kernel axes that the letters do not name.
+    n_dots = len(shape) - (len(kernel) - 1) if "..." in kernel else 0
+    if n_dots < 0 or ("..." not in kernel and len(kernel) != len(shape)):
+        return None
+    fan_in = fan_out = 1
+    has_in = has_out = False
+    axis = 0
+    for sub in kernel:
+        span = n_dots if sub == "..." else 1
+        size = math.prod(shape[axis : axis + span])
+        axis += span
+        if span and sub in inputs and sub not in outputs:
+            fan_in, has_in = fan_in * size, True
+        elif span and sub in outputs and sub not in inputs:
+            fan_out, has_out = fan_out * size, True
+    if not (has_in or has_out):  # an elementwise scale, like a norm's
+        return 0, 0, 0
+    return fan_in, fan_out, math.prod(shape)
+
+
+def _module_fans(
+    module: Any, leaf: str, shape: tuple[int, ...], equation: str | None = None
+) -> tuple[int, int, int]:
+    """Fans of one slice of ``leaf`` owned by ``module``, by module type.
+
+    ``equation`` is the einsum equation an ``Einsum`` module was called with
+    (``None``: its ``einsum_str``). The rules are listed in the module
+    docstring; types without a rule get :func:`_layers.default_fans`.
+    """
     name = leaf.lower()
     type_name = type(module).__name__ if module is not None else ""
-    if name in _layers.NO_CONNECTION_LEAVES or _norm_like(type_name) or len(shape) < 2:
+    if name in _layers.NO_CONNECTION_LEAVES or _norm_like(type_name):
+        return 0, 0, 0
+    if name == "kernel" and isinstance(module, _EINSUM_TYPES):
+        equation = equation or getattr(module, "einsum_str", None)
+        fans = _einsum_fans(equation, shape) if isinstance(equation, str) else None
+        if fans is not None:
+            return fans
+    if len(shape) < 2:
         return 0, 0, 0
     if name == "kernel" and type_name == "DenseGeneral":  # linen
         return _general_fans(
@@ -155,6 +237,8 @@ def _expected_rank(module: Any, leaf: str) -> int | None:
         return 2
     if type_name in ("Dense", "Linear", "Embed", "LoRALinear"):
         return 1 if name == "bias" else 2
+    if isinstance(module, _EINSUM_TYPES) and name == "kernel":
+        return len(_as_tuple(getattr(module, "shape", getattr(module, "kernel_shape", None))))
     if type_name in ("Conv", "ConvTranspose"):
         size = _as_tuple(getattr(module, "kernel_size", ()))
         return 1 if name == "bias" else len(size) + 2
@@ -175,6 +259,22 @@ def _stack_axis_from_shapes(outer: tuple[int, ...], inner: tuple[int, ...]) -> i
     return 0 if 0 in candidates else candidates[0]
 
 
+def _einsum_equation(
+    module: Any, method: str, args: Sequence[Any], kwargs: Mapping[str, Any]
+) -> str | None:
+    """The equation an ``Einsum`` call uses: its argument, else the attribute."""
+    if method != "__call__" or not isinstance(module, _EINSUM_TYPES):
+        return None
+    try:
+        bound = inspect.signature(type(module).__call__).bind(module, *args, **kwargs)
+        equation = bound.arguments.get("einsum_str")
+    except TypeError:  # a subclass with another signature
+        equation = None
+    if equation is None:
+        equation = getattr(module, "einsum_str", None)
+    return equation if isinstance(equation, str) else None
+
+
 class _Capture:
     """Call events and the parameter shapes each module sees during a call."""
 
@@ -182,9 +282,12 @@ class _Capture:
         self.events: list[tuple[str, str, str]] = []  # (begin|end, path, method)
         self.modules: dict[str, Any] = {}  # path -> first module object seen
         self.inner: dict[str, tuple[int, ...]] = {}  # param path -> shape seen
+        self.equations: dict[str, str] = {}  # Einsum module path -> equation
 
-    def begin(self, path: str, method: str, module: Any) -> None:
+    def begin(self, path: str, method: str, module: Any, equation: str | None = None) -> None:
         self.modules.setdefault(path, module)
+        if equation is not None:
+            self.equations.setdefault(path, equation)
         self.events.append(("begin", path, method))
 
     def end(self, path: str, method: str, own: Mapping[str, Any]) -> None:
@@ -199,6 +302,7 @@ def _refine(
     inner: Mapping[str, tuple[int, ...]],
     explicit_axes: Mapping[str, int] | None,
     fan_fn: _layers.FanFn | None,
+    equations: Mapping[str, str],
 ) -> None:
     """Module types, stack axes and fans from what the trace saw (in place)."""
     for s in specs:
@@ -215,9 +319,9 @@ def _refine(
                     s.stack_axis = 0
     _layers.propagate_stack_axes(specs)
     for s in specs:
-        module = modules.get(_layers.parent_path(s.path))
+        owner = _layers.parent_path(s.path)
         leaf = s.path.rsplit("/", 1)[-1]
-        fans = _module_fans(module, leaf, s.slice_shape)
+        fans = _module_fans(modules.get(owner), leaf, s.slice_shape, equations.get(owner))
         s.fan_in, s.fan_out, s.connections = _layers.apply_fan_fn(
             fan_fn, s.path, s.slice_shape, fans
         )
@@ -262,6 +366,24 @@ def _order_and_uses(
             uses[layer] = uses.get(layer, 0) + 1
         active.append(layers)
     return list(order), uses
+
+
+def _unused_paths(
+    fn: Callable[..., Any], params: Any, consts: Any, inputs: Sequence[Any]
+) -> set[str]:
+    """Paths of the ``params`` leaves that no output of ``fn`` depends on.
+
+    ``fn(params, consts, *inputs)`` is traced to a jaxpr (no FLOPs) and
+    dead code is eliminated; a parameter input that survives is used. So a
+    parameter that is never read, or only read into values that are thrown
+    away, is unused: its gradient is zero.
+    """
+    from jax.interpreters import partial_eval as pe
+
+    closed = jax.make_jaxpr(fn)(params, consts, *inputs)
+    flat, _ = jax.tree_util.tree_flatten_with_path(params)
+    _, used = pe.dce_jaxpr(closed.jaxpr, [True] * len(closed.jaxpr.outvars))
+    return {_paths.normalize_path(path) for (path, _), kept in zip(flat, used) if not kept}
 
 
 def _levels_and_uses(
@@ -349,7 +471,7 @@ def linen_layer_table(
             return next_fun(*args, **kwargs)
         mod = context.module
         path = "/".join(str(p) for p in mod.path)
-        capture.begin(path, name, mod)
+        capture.begin(path, name, mod, _einsum_equation(mod, name, args, kwargs))
         try:
             return next_fun(*args, **kwargs)
         finally:
@@ -366,29 +488,40 @@ def linen_layer_table(
     specs = _layers.collect_leaves(
         params, stack_axes=stack_axes, stack_names=stack_names, collection=None
     )
-    _refine(specs, capture.modules, capture.inner, stack_axes, fan_fn)
+    _refine(specs, capture.modules, capture.inner, stack_axes, fan_fn, capture.equations)
     order, uses = _order_and_uses(capture.events, specs)
+    consts = nn.meta.unbox({k: v for k, v in variables.items() if k != "params"})
+    # All of init's streams: linen falls back to "params" for a stream that
+    # is not given (dropout), at init and at apply alike.
+    apply_rngs = dict(rngs)
+
+    def apply_fn(p, c, d):
+        args, kwargs = rebuild(d)
+        return module.apply(
+            {"params": p, **c}, *args, method=method, rngs=apply_rngs, mutable=True, **kwargs
+        )
+
+    def outputs_fn(p, c, d):
+        # mutable=True hands the params back too; they are not an output.
+        out, mutated = apply_fn(p, c, d)
+        return out, {k: v for k, v in mutated.items() if k != "params"}
+
+    unboxed = nn.meta.unbox(params)
+    unused = _unused_paths(outputs_fn, unboxed, consts, [dyn])
     levels = None
     if depth == "dataflow":
-        consts = nn.meta.unbox({k: v for k, v in variables.items() if k != "params"})
-        apply_rngs = {k: v for k, v in rngs.items() if k != "params"}
-
-        def apply_fn(p, c, d):
-            args, kwargs = rebuild(d)
-            return module.apply(
-                {"params": p, **c}, *args, method=method, rngs=apply_rngs, mutable=True, **kwargs
-            )
-
         apps = _layers.dataflow_levels(
             apply_fn,
-            nn.meta.unbox(params),
+            unboxed,
             consts,
             [dyn],
             {s.path: s.layer for s in specs},
             {s.path: s.stack_axis is not None for s in specs},
         )
         levels, uses = _levels_and_uses(apps)
-    return _layers.assemble(specs, order=order, levels=levels, depths=depths, uses=uses)
+    return _layers.assemble(
+        specs, order=order, levels=levels, depths=depths, uses=uses, unused=unused
+    )
 
 
 def _linen_own_shapes(mod: nn.Module) -> dict[str, tuple[int, ...]]:
@@ -512,7 +645,7 @@ def nnx_layer_table(
             path = getattr(self, _PATH_ATTR, None)
             if path is None:
                 return fn(self, *args, **kwargs)
-            capture.begin(path, name, self)
+            capture.begin(path, name, self, _einsum_equation(self, name, args, kwargs))
             try:
                 return fn(self, *args, **kwargs)
             finally:
@@ -549,18 +682,26 @@ def nnx_layer_table(
         base = getattr(owner, "base_module", None) if owner is not None else None
         if s.path.rsplit("/", 1)[-1].lower() in _layers.LORA_LEAVES and base is not None:
             s.layer = getattr(base, _PATH_ATTR, s.layer)
-    _refine(specs, modules, capture.inner, stack_axes, fan_fn)
+    _refine(specs, modules, capture.inner, stack_axes, fan_fn, capture.equations)
     order, uses = _order_and_uses(capture.events, specs)
     aliases = _nnx_aliases(model, [s.path for s in specs])
+    graphdef, params_state, rest = nnx.split(clone, wrt, ...)
+
+    def apply_fn(p, c, d):
+        m = nnx.merge(graphdef, p, c)
+        args, kwargs = rebuild(d)
+        return getattr(m, method)(*args, **kwargs)
+
+    def outputs_fn(p, c, d):
+        # Updated non-trained state (batch statistics) counts as an output,
+        # as linen's mutated collections do.
+        m = nnx.merge(graphdef, p, c)
+        args, kwargs = rebuild(d)
+        return getattr(m, method)(*args, **kwargs), nnx.state(m, nnx.Not(wrt))
+
+    unused = _unused_paths(outputs_fn, params_state, rest, [dyn])
     levels = None
     if depth == "dataflow":
-        graphdef, params_state, rest = nnx.split(clone, wrt, ...)
-
-        def apply_fn(p, c, d):
-            m = nnx.merge(graphdef, p, c)
-            args, kwargs = rebuild(d)
-            return getattr(m, method)(*args, **kwargs)
-
         apps = _layers.dataflow_levels(
             apply_fn,
             params_state,
@@ -571,7 +712,13 @@ def nnx_layer_table(
         )
         levels, uses = _levels_and_uses(apps)
     return _layers.assemble(
-        specs, order=order, levels=levels, depths=depths, uses=uses, aliases=aliases
+        specs,
+        order=order,
+        levels=levels,
+        depths=depths,
+        uses=uses,
+        aliases=aliases,
+        unused=unused,
     )
 
 

@@ -5,7 +5,7 @@ three strategies, ``caadam_keras``, SET-Adam, EXAdam) on the same trees in one
 process and *interleaves* them: each round runs a few timed steps of every
 candidate in turn, so slow drifts of a shared machine hit all candidates alike.
 A timed step is one call of a jitted, donated function followed by
-``block_until_ready`` (``data.md`` §3); the figure is the median over all
+``block_until_ready`` (``docs/ecosystem.md`` §4); the figure is the median over all
 timed steps, and the ratio is the candidate's median over adam's (pooled
 over the two adam instances).
 

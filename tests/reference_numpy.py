@@ -1,7 +1,7 @@
 """Independent float64 NumPy references for CaAdam, SET-Adam and EXAdam.
 
-Written from the specs (``caadam.md`` §1-§4 and §6, ``set_adam.md`` §2-§3,
-``exadam.md`` §2) and from the layer rules documented in the docstrings of
+Written from the specs (``docs/caadam.md`` §1-§4 and §6, ``docs/set_adam.md`` §2-§3,
+``docs/exadam.md`` §2) and from the layer rules documented in the docstrings of
 ``adaptive_moments/_layers.py`` and ``adaptive_moments/_scaling.py``, *not* from
 the package's JAX code: plain loops over an ordered list of ``(path, array)``
 pairs, one statement per line of the specs' pseudo-code, host float64 scalars.
@@ -122,7 +122,7 @@ def layer_units(vars_: Sequence[Var]) -> list[tuple[str, int]]:
 
 
 # ---------------------------------------------------------------------------
-# CaAdam's S (caadam.md §2-§4, _scaling.py docstring)
+# CaAdam's S (docs/caadam.md §2-§4, _scaling.py docstring)
 
 
 @dataclasses.dataclass
@@ -139,7 +139,7 @@ class CaStructure:
 
 
 def _statistics(counts: Sequence[float]) -> tuple[float, float, float]:
-    if not counts:  # no >= 2-D variable: c_min = c_max = median = 1 (caadam.md §2)
+    if not counts:  # no >= 2-D variable: c_min = c_max = median = 1 (docs/caadam.md §2)
         return 1.0, 1.0, 1.0
     arr = np.asarray(counts, np.float64)
     return float(arr.min()), float(np.median(arr)), float(arr.max())
@@ -285,7 +285,7 @@ def caadam_run(
     weight_decay: float = 0.0,
     stack_axes: Mapping[str, int] | None = None,
 ) -> dict[str, np.ndarray]:
-    """CaAdam (caadam.md §1, §6): ``eps_mode`` ``"optax"`` or ``"keras"``."""
+    """CaAdam (docs/caadam.md §1, §6): ``eps_mode`` ``"optax"`` or ``"keras"``."""
     vars_ = make_vars(params, stack_axes)
     scales = caadam_scales(vars_, strategy, gamma, structure, signed)
     theta = _start(params)
@@ -326,7 +326,7 @@ def caadam_run(
 
 
 def set_adam_scaling(v: np.ndarray, guard: float = SET_ADAM_GUARD) -> float:
-    """SET-Adam's down-scaling factor of one layer, as set_adam.md §2 writes it."""
+    """SET-Adam's down-scaling factor of one layer, as docs/set_adam.md §2 writes it."""
     d = v.size
     mu = v.sum() / d  # projection coefficient of v onto the all-one vector
     return float((mu * v).sum() / ((v * v).sum() + guard))
@@ -347,7 +347,7 @@ def set_adam_run(
     guard: float = SET_ADAM_GUARD,
     scalings: dict[str, list[np.ndarray]] | None = None,
 ) -> dict[str, np.ndarray]:
-    """SET-Adam (set_adam.md §2); a stacked leaf is reduced per slice.
+    """SET-Adam (docs/set_adam.md §2); a stacked leaf is reduced per slice.
 
     If ``scalings`` is a dict, the down-scaling factors of every step are
     appended to it: ``path -> [array over slices, ...]``.
@@ -404,7 +404,7 @@ def exadam_run(
     weight_decay: float = 0.0,
     decoupled: bool = True,
 ) -> dict[str, np.ndarray]:
-    """EXAdam (exadam.md §2): current algorithm, or paper v1's log step size."""
+    """EXAdam (docs/exadam.md §2): current algorithm, or paper v1's log step size."""
     theta = _start(params)
     m = {p: np.zeros_like(a) for p, a in theta.items()}
     v = {p: np.zeros_like(a) for p, a in theta.items()}

@@ -1,5 +1,5 @@
-"""CaAdam's factor S: the paper architectures' table (caadam.md §2), the edge
-cases of caadam.md §4 and every strategy x structure against the NumPy
+"""CaAdam's factor S: the paper architectures' table (docs/caadam.md §2), the edge
+cases of docs/caadam.md §4 and every strategy x structure against the NumPy
 reference.
 
 The architectures are written as Keras trainable-variable lists, ``(path,
@@ -31,7 +31,7 @@ VarList = list[tuple[str, tuple[int, ...]]]
 
 
 # ---------------------------------------------------------------------------
-# Keras variable lists of the paper's models (caadam.md §7)
+# Keras variable lists of the paper's models (docs/caadam.md §7)
 
 
 class _Namer:
@@ -108,7 +108,7 @@ def flat_scales(var_list: VarList, strategy: str, structure: str, **kw: Any) -> 
     return {p: float(s) for p, s in out.items()}
 
 
-# caadam.md §2 table: (#vars, c_min, median, c_max, c used for every kernel,
+# docs/caadam.md §2 table: (#vars, c_min, median, c_max, c used for every kernel,
 # S_add kernels, S_add 1-D, S_mul kernels, S_mul 1-D, S_depth max).
 PAPER_TABLE = [
     (
@@ -264,7 +264,7 @@ def test_paper_table(row: tuple):
 
 
 # ---------------------------------------------------------------------------
-# caadam.md §4 edge cases
+# docs/caadam.md §4 edge cases
 
 DEGENERATE = [  # kernel counts [100, 10, 10]: median == c_min < c_max
     ("dense/kernel", (10, 10)),
@@ -328,7 +328,7 @@ def test_median_equals_c_min_layer_and_variable_are_finite(strategy: str):
 
 
 def test_median_equals_c_min_keras_preset_makes_every_parameter_non_finite():
-    """caadam.md §8: 141/141 parameters non-finite after one step, like Keras."""
+    """docs/caadam.md §8: 141/141 parameters non-finite after one step, like Keras."""
     rng = np.random.default_rng(5)
     params = {p: rng.standard_normal(s) for p, s in DEGENERATE}
     grads = {p: rng.standard_normal((1, *s)) for p, s in DEGENERATE}

@@ -2,7 +2,7 @@
 
 Each test runs over ``_suite.ENTRIES`` (every transformation and alias with
 several option sets), mirroring optax's ``contrib/_common_test.py`` and the
-composition table of ``ecosystem.md`` §1.8: extra args, ``optax.chain``, no
+composition table of ``docs/ecosystem.md`` §1.8: extra args, ``optax.chain``, no
 recompilation, ``inject_hyperparams``, ``MultiSteps``, ``apply_if_finite``,
 ``masked`` / ``partition`` (and what per-layer statistics mean under them),
 ``tree.map_params``, ``eval_shape``, ``None`` leaves, dtype stability,

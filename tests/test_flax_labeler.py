@@ -2,8 +2,8 @@
 
 Every test checks depths, fans and S values against what the model
 definition written here implies (fan-in x fan-out of each layer, forward
-order, the formulas of caadam.md section 3 evaluated in :func:`s_mul` /
-:func:`s_depth`), or against caadam.md section 2's table for ResNet-20.
+order, the formulas of docs/caadam.md §3 evaluated in :func:`s_mul` /
+:func:`s_depth`), or against docs/caadam.md §2's table for ResNet-20.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ TOKENS = jax.ShapeDtypeStruct((2, 5), jnp.int32)
 
 
 def s_mul(c: float, counts: list[float], gamma: float = 5.0) -> float:
-    """caadam.md section 3, multiplicative (|sigma|); zero denominators -> 0."""
+    """docs/caadam.md §3, multiplicative (|sigma|); zero denominators -> 0."""
     med, lo, hi = float(np.median(counts)), min(counts), max(counts)
     if c == 0 or lo == hi:
         return 1.0
@@ -223,7 +223,7 @@ def test_linen_cnn_with_batchnorm():
 def test_linen_resnet20_reproduces_the_reference_structure():
     x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
     table = am.flax.linen_layer_table(LinenResNet20(), x)
-    # caadam.md section 2: 86 variables, c_min / median / c_max 432 / 6912 / 36864.
+    # docs/caadam.md §2: 86 variables, c_min / median / c_max 432 / 6912 / 36864.
     assert len(table) == 86
     units = _scaling.UnitData(table, "reference")
     assert (units.c_min, units.median, units.c_max) == (432, 6912, 36864)
@@ -336,7 +336,7 @@ def test_linen_lora_fan_fn_and_training_loop():
     state = tx.init(params)
     new, state, first, g = step(params, state)
     # Layers: inp 24 connections; adapted/base 18 + 12 + 6 (kernel, lora_a, lora_b).
-    lo, med, hi = 24.0, 30.0, 36.0  # additive: S = 1 + 0.95 * a (caadam.md section 3)
+    lo, med, hi = 24.0, 30.0, 36.0  # additive: S = 1 + 0.95 * a (docs/caadam.md §3)
     s_inp, s_base = 1 + 0.95 * (med - 24) / (med - lo), 1 - 0.95 * (36 - med) / (hi - med)
     # (lora_b: lora_a's gradient is 0 while lora_b is at its zero init.)
     for path, s in ((("inp", "kernel"), s_inp), (("adapted", "lora_b"), s_base)):
@@ -582,7 +582,7 @@ def test_nnx_scan_stack_and_set_adam_per_slice():
     assert layer_depths(am.flax.nnx_layer_table(model, x, depth="dataflow")) == expected
 
     # SET-Adam through nnx.Optimizer reduces each slice on its own
-    # (set_adam.md section 2, step 1, evaluated here in NumPy).
+    # (docs/set_adam.md §2, step 1, evaluated here in NumPy).
     lr, b1, b2, eps, tau = 1e-3, 0.9, 0.999, 1e-8, 0.5
     optimizer = nnx.Optimizer(model, am.set_adam(lr, layers=table), wrt=nnx.Param)
 
@@ -643,3 +643,139 @@ def test_nnx_lora_adapters():
 def test_bad_depth_policy_raises():
     with pytest.raises(ValueError, match="depth must be one of"):
         am.flax.linen_layer_table(LinenMLP(), jnp.zeros((1, 4)), depth="bfs")
+
+
+# ---------------------------------------------------------------------------
+# einsum layers: fans from the equation
+
+
+def einsum_fans(equation: str, shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """The rule written out for explicit letters: contracted kernel axes make
+    fan-in, kernel axes only the kernel brings to the output fan-out; axes in
+    input, kernel and output (per-head) neither; connections = weights."""
+    ins, out = equation.split("->")
+    lhs, ker = ins.split(",")
+    fan_in = math.prod(n for c, n in zip(ker, shape) if c in lhs and c not in out)
+    fan_out = math.prod(n for c, n in zip(ker, shape) if c in out and c not in lhs)
+    return fan_in, fan_out, math.prod(shape)
+
+
+class LinenEinsums(nn.Module):
+    def setup(self):
+        self.proj = nn.Einsum((4, 3, 5), "bi,ihj->bhj")
+        self.per_head = nn.Einsum((3, 5, 6))  # equation given at the call
+        self.vec = nn.Einsum(
+            (6,), "bhi,i->bh", use_bias=False, kernel_init=nn.initializers.normal()
+        )
+
+    def __call__(self, x):
+        y = self.per_head(self.proj(x), "bhi,hio->bho")
+        return self.vec(y)
+
+
+def test_linen_einsum_fans_come_from_the_equation():
+    table = am.flax.linen_layer_table(LinenEinsums(), jnp.zeros((2, 4)))
+    # 'bi,ihj->bhj', kernel (4, 3, 5): i is contracted, h and j are outputs.
+    assert fans(table, "proj/kernel") == (4, 15, 60) == einsum_fans("bi,ihj->bhj", (4, 3, 5))
+    # Per-head weights: each of the 3 heads maps 5 -> 6; heads count only in
+    # the connections (the number of weights, as for DenseGeneral batch_dims).
+    assert fans(table, "per_head/kernel") == (5, 6, 90) == einsum_fans("bhi,hio->bho", (3, 5, 6))
+    # A 1-D einsum kernel that contracts is a weight vector (6 -> 1).
+    assert fans(table, "vec/kernel") == (6, 1, 6)
+    assert fans(table, "proj/bias") == (0, 0, 0)  # (3, 5) bias: no connections
+    assert [r.module for r in table.rows if r.leaf_name == "kernel"] == ["Einsum"] * 3
+    assert {k: v[0] for k, v in layer_depths(table).items()} == {
+        "proj": 0, "per_head": 1, "vec": 2}
+    # The multiplicative S uses these counts (60, 90, 6).
+    s = _scaling.scale_factors(table, "multiplicative")
+    np.testing.assert_allclose(s["per_head/kernel"], s_mul(90, [60, 90, 6]), rtol=1e-12)
+
+
+class NnxEinsums(nnx.Module):
+    def __init__(self, rngs):
+        self.proj = nnx.Einsum("bi,ihj->bhj", (4, 3, 5), (3, 5), rngs=rngs)
+        self.per_head = nnx.Einsum("bhi,hio->bho", (3, 5, 6), (3, 6), rngs=rngs)
+        self.scale = nnx.Einsum("...hi,hi->...hi", (3, 6), rngs=rngs)  # elementwise
+        self.merge = nnx.Einsum("...hi,hio->...o", (3, 6, 2), rngs=rngs)
+
+    def __call__(self, x):
+        return self.merge(self.scale(self.per_head(self.proj(x))))
+
+
+def test_nnx_einsum_fans_come_from_the_equation():
+    table = am.flax.nnx_layer_table(NnxEinsums(nnx.Rngs(0)), jnp.zeros((2, 4)))
+    assert fans(table, "proj/kernel") == einsum_fans("bi,ihj->bhj", (4, 3, 5)) == (4, 15, 60)
+    assert fans(table, "per_head/kernel") == einsum_fans("bhi,hio->bho", (3, 5, 6))
+    # Every kernel axis in input and output: an elementwise scale, like a norm's.
+    assert fans(table, "scale/kernel") == (0, 0, 0)
+    # With '...' in the operands: h and i contracted (18), o out (2).
+    assert fans(table, "merge/kernel") == (18, 2, 36)
+    # The same in the dataflow policy (fans do not depend on it).
+    flow = am.flax.nnx_layer_table(NnxEinsums(nnx.Rngs(0)), jnp.zeros((2, 4)), depth="dataflow")
+    assert [fans(flow, p) for p in flow] == [fans(table, p) for p in flow]
+
+
+# ---------------------------------------------------------------------------
+# unused parameters
+
+
+class LinenWithUnused(nn.Module):
+    """Two real layers; a root parameter and a probe layer that do nothing."""
+
+    def setup(self):
+        self.unused = self.param("unused", nn.initializers.zeros, (3, 3))
+        self.probe = nn.Dense(7)
+        self.a = nn.Dense(4)
+        self.b = nn.Dense(2)
+
+    def __call__(self, x):
+        _ = self.probe(x)  # called, but nothing depends on it
+        return self.b(nn.relu(self.a(x)))
+
+
+class NnxWithUnused(nnx.Module):
+    def __init__(self, rngs):
+        self.unused = nnx.Param(jnp.zeros((3, 3)))
+        self.spare = nnx.Linear(3, 7, rngs=rngs)  # never called
+        self.a = nnx.Linear(3, 4, rngs=rngs)
+        self.b = nnx.Linear(4, 2, rngs=rngs)
+
+    def __call__(self, x):
+        return self.b(jax.nn.relu(self.a(x)))
+
+
+def check_unused(table: am.LayerTable, unused: list[str]) -> None:
+    # The real layers keep the depths of a model without the unused ones,
+    # and the unused ones add no level.
+    assert table["a/kernel"].depth == (0,) and table["b/kernel"].depth == (1,)
+    assert table.num_depths == 2
+    assert {r.layer for r in table.rows if r.used} == {"a", "b"}
+    assert [r.path for r in table.rows if not r.used] == unused  # last rows
+    for path in unused:
+        assert table[path].uses == 0 and table[path].depth == (1,)  # the last level
+    lines = [ln.split() for ln in table.format("depth").splitlines()]
+    col = lines[0].index("depth")
+    shown = {ln[0]: ln[col] for ln in lines[2:]}
+    assert [p for p, d in shown.items() if d == "unused"] == unused
+    # CaAdam's depth strategy: the real layers' S as without the unused
+    # parameters (d_m = 2), and S = 1 for the unused ones.
+    s = _scaling.scale_factors(table, "depth")
+    np.testing.assert_allclose(s["a/kernel"], s_depth(0, 2), rtol=1e-12)
+    np.testing.assert_allclose(s["b/bias"], s_depth(1, 2), rtol=1e-12)
+    for path in unused:
+        np.testing.assert_allclose(s[path], 1.0)
+
+
+@pytest.mark.parametrize("depth", ["call", "dataflow"])
+def test_linen_unused_parameters_do_not_shift_depths(depth):
+    x = jnp.zeros((1, 3))
+    table = am.flax.linen_layer_table(LinenWithUnused(), x, depth=depth)
+    check_unused(table, ["unused", "probe/kernel", "probe/bias"])
+    assert table["a/kernel"].uses == 1 and not table["a/kernel"].tied
+
+
+@pytest.mark.parametrize("depth", ["call", "dataflow"])
+def test_nnx_unused_parameters_do_not_shift_depths(depth):
+    x = jnp.zeros((1, 3))
+    table = am.flax.nnx_layer_table(NnxWithUnused(nnx.Rngs(0)), x, depth=depth)
+    check_unused(table, ["unused", "spare/kernel", "spare/bias"])

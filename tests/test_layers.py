@@ -1,7 +1,7 @@
 """Path-and-shape layer tables (``am.layer_table``): framework-agnostic.
 
 Expected values come from the model definitions written here (fan-in x
-fan-out of each layer) and from the formulas of caadam.md section 3,
+fan-out of each layer) and from the formulas of docs/caadam.md §3,
 evaluated independently in :func:`s_mul` / :func:`s_depth`.
 """
 
@@ -17,7 +17,7 @@ import adaptive_moments as am
 
 
 def s_mul(c: float, counts: list[float], gamma: float = 5.0) -> float:
-    """caadam.md section 3, multiplicative, as coded (|sigma|)."""
+    """docs/caadam.md §3, multiplicative, as coded (|sigma|)."""
     med, lo, hi = float(np.median(counts)), min(counts), max(counts)
     if c == 0:
         return 1.0  # "layer" structure: layers without connections get S = 1
@@ -26,7 +26,7 @@ def s_mul(c: float, counts: list[float], gamma: float = 5.0) -> float:
 
 
 def s_depth(d: int, d_m: int, gamma: float = 1.0) -> float:
-    """caadam.md section 3, depth strategy."""
+    """docs/caadam.md §3, depth strategy."""
     return (1 + gamma) ** ((d_m - (1 + d)) / d_m)
 
 
@@ -145,7 +145,7 @@ def test_stacked_leaves_get_one_depth_per_slice_slice_major():
     assert z.depth == (1, 3, 5) and a.depth == (2, 4, 6)
     assert table["layers/zlin/bias"].depth == (1, 3, 5)
     assert table["head/kernel"].depth == (7,)
-    # Each slice its own depth factor (caadam.md section 3, depth strategy).
+    # Each slice its own depth factor (docs/caadam.md §3, depth strategy).
     s = am.caadam_scales(params, "depth", layers=table)
     np.testing.assert_allclose(
         np.ravel(s["layers"]["zlin"]["kernel"]), [s_depth(d, 8) for d in (1, 3, 5)], rtol=1e-12

@@ -277,7 +277,7 @@ def test_options_are_not_no_ops():
 
 
 def test_keras_first_step_closed_form():
-    """caadam.md §1/§8: at t = 1 the Keras placement gives exactly
+    """docs/caadam.md §1/§8: at t = 1 the Keras placement gives exactly
     ``-lr * S * g / (|g| + eps / sqrt(1 - b2))``.
 
     Model: kernels (4, 3) and (3, 2) with biases, in Keras order. Reference
@@ -351,7 +351,7 @@ def test_trajectory_float32(low_precision_runs: dict[str, Any], name: str, kw: d
     want = _ref_run(kw, _params(), _grads())
     got = low_precision_runs[name]
     assert all(dt == jnp.float32 for dt in got["update_dtypes"])
-    # caadam.md §8: float32 vs the float64 reference stays within ~4e-6 over
+    # docs/caadam.md §8: float32 vs the float64 reference stays within ~4e-6 over
     # 50 steps at S ~ 5; parameters here are of order 1.
     _assert_close(got["traj"], want, atol=5e-6, rtol=1e-5)
 

@@ -1,4 +1,4 @@
-"""EXAdam numerics: the golden example of exadam.md §8 (all four variants) and
+"""EXAdam numerics: the golden example of docs/exadam.md §8 (all four variants) and
 long trajectories of ``am.exadam`` against the independent NumPy reference
 (float64 at 1e-12, float32 at ~1e-6 relative, bf16 loosely)."""
 
@@ -35,12 +35,12 @@ def JAX_SCHEDULE(count: jax.Array) -> jax.Array:
     return 1e-2 * jnp.power(0.95, count.astype(jnp.result_type(float)))
 
 
-def _ref_schedule(count: int) -> float:  # lr(t) = s(t - 1), exadam.md §2.2
+def _ref_schedule(count: int) -> float:  # lr(t) = s(t - 1), docs/exadam.md §2.2
     return 1e-2 * 0.95**count
 
 
 # ---------------------------------------------------------------------------
-# golden example (exadam.md §8)
+# golden example (docs/exadam.md §8)
 
 GOLDEN_THETA0 = np.array([1.0, -2.0, 0.5])
 GOLDEN_GRADS = {"x": np.array([[0.1, -0.2, 0.0], [0.05, 0.3, 1e-5], [-0.1, 0.0, 2.0]])}
@@ -229,7 +229,7 @@ def test_trajectory_float32(low_precision_runs: dict[str, Any], name: str, kw: d
     want = _ref_run(kw, _params(), _grads())
     got = low_precision_runs[name]
     assert all(dt == jnp.float32 for dt in got["update_dtypes"])
-    # exadam.md §6: float32 torch vs the float64 reference drifts ~1e-6 per
+    # docs/exadam.md §6: float32 torch vs the float64 reference drifts ~1e-6 per
     # 60 steps at lr 1e-2 for parameters of order 1 (roundings of theta).
     for k in want:
         np.testing.assert_allclose(got["traj"][k], want[k], atol=5e-6, rtol=1e-5, err_msg=k)

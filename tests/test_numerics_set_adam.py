@@ -1,4 +1,4 @@
-"""SET-Adam numerics: the golden example of set_adam.md §8 and long trajectories
+"""SET-Adam numerics: the golden example of docs/set_adam.md §8 and long trajectories
 of ``am.set_adam`` against the independent NumPy reference (float64 at 1e-12,
 float32 at ~1e-6, bf16 loosely)."""
 
@@ -30,7 +30,7 @@ def assert_trajectories_close(
 
 
 # ---------------------------------------------------------------------------
-# golden example (set_adam.md §8)
+# golden example (docs/set_adam.md §8)
 
 GOLDEN_PARAMS = [
     ("w", np.array([[0.5, -1.0], [2.0, 0.0]])),
@@ -75,7 +75,7 @@ def test_golden_reference():
     for k, by_step in GOLDEN_SCALING.items():
         for t, want in by_step.items():
             assert abs(scalings[k][t - 1][0] - want) <= 1e-15, (k, t)
-    # Step 1 of the d = 1 layer is about 2 * lr (set_adam.md §2.1).
+    # Step 1 of the d = 1 layer is about 2 * lr (docs/set_adam.md §2.1).
     assert abs((traj["s"][0] - 1.5) - 2e-2) < 1e-9
 
 
@@ -92,7 +92,7 @@ def test_golden_example_needs_the_guard():
     """Negative control: without the 1e-20 guard the golden example is missed.
 
     At step 2 the bias gradients are ~1e-3, so sum(v^2) ~ 5e-18 and the guard
-    changes s_b by ~0.2% (set_adam.md §3).
+    changes s_b by ~0.2% (docs/set_adam.md §3).
     """
     traj = ref.set_adam_run(GOLDEN_PARAMS, GOLDEN_GRADS, learning_rate=1e-2, guard=1e-30)
     assert np.max(np.abs(traj["b"][2] - GOLDEN_STEP3["b"])) > 1e-9
@@ -251,7 +251,7 @@ def test_bfloat16_updates_track_float32(low_precision_runs: dict[str, Any]):
 
 
 def test_float32_large_gradients_do_not_overflow_the_scaling():
-    """set_adam.md §3: float32 overflows only once sum(v^2) does.
+    """docs/set_adam.md §3: float32 overflows only once sum(v^2) does.
 
     d = 4096 and |g| ~ 3e9 give sum(v) ~ 4e19, whose square overflows float32
     although sum(v^2) ~ 4e35 does not; computing (sum v)^2 first made s

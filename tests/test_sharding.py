@@ -1,4 +1,4 @@
-"""Sharded training on 8 forced CPU devices (``ecosystem.md`` §3).
+"""Sharded training on 8 forced CPU devices (``docs/ecosystem.md`` §3).
 
 What is checked, for every transformation and alias:
 
@@ -17,7 +17,7 @@ What is checked, for every transformation and alias:
   (host-constant factors) matches, and refuses a stacked leaf sharded along
   its stack axis instead of silently broadcasting it;
 * ``nnx.Optimizer`` over a ``with_partitioning``-annotated model trains inside
-  ``jax.set_mesh`` and no state leaf is a per-leaf reduction (§2.4);
+  ``jax.set_mesh`` and no state leaf is a per-leaf reduction (``docs/ecosystem.md`` §2.4);
 * SET-Adam's per-layer all-reduces are combined by XLA: their number does not
   grow with the number of sharded leaves.
 
@@ -477,3 +477,55 @@ def test_elementwise_optimizers_need_no_collective(name):
     hlo = _compiled_step_hlo(OPTIMIZERS[name], 4, AxisType.Explicit)
     assert _all_reduces(hlo) == []
     assert "all-gather" not in hlo
+
+
+# ---------------------------------------------------------------------------
+# sharded state from init
+
+
+def _assert_state_sharded_like(state, params):
+    inner = _moments_state(state)
+    assert inner.count.sharding.is_fully_replicated
+    for field in ("mu", "nu", "nu_max"):
+        moment = getattr(inner, field, ())
+        if not jax.tree.leaves(moment):
+            continue  # nu_max without amsgrad
+        for x, p in zip(jax.tree.leaves(moment), jax.tree.leaves(params), strict=True):
+            assert x.sharding.is_equivalent_to(p.sharding, p.ndim), (field, x.sharding)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_init_gives_state_sharded_like_params_on_auto_mesh(name):
+    # On an auto-axis mesh (a plain `Mesh`) a bare `jax.jit(tx.init)` gives
+    # unsharded state, as for optax.adam: zeros do not depend on the params'
+    # values, so XLA has no sharding to propagate to them. The README's ways
+    # out: eager `init`, or `out_shardings` built with optax.tree_map_params.
+    # (Explicit-axis meshes under jax.set_mesh need neither: see
+    # test_abstract_init_and_state_types.)
+    mesh = jax.make_mesh((2, 4), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
+    params = shard(make_params(), mesh)
+    opt = OPTIMIZERS[name](table_for(params))
+
+    _assert_state_sharded_like(opt.init(params), params)
+
+    state_shardings = optax.tree_map_params(
+        opt,
+        lambda _, s: s,
+        jax.eval_shape(opt.init, params),
+        jax.tree.map(lambda p: p.sharding, params),
+        transform_non_params=lambda _: NamedSharding(mesh, P()),
+    )
+    state = jax.jit(opt.init, out_shardings=state_shardings)(params)
+    _assert_state_sharded_like(state, params)
+    # Once sharded, the state stays so through a bare jitted update.
+    _, state = jax.block_until_ready(jax.jit(opt.update)(grad_fn(params), state, params))
+    _assert_state_sharded_like(state, params)
+
+    # The pitfall the README warns about (if jax ever propagates the params'
+    # sharding here, that README paragraph can go).
+    bare = _moments_state(jax.jit(opt.init)(params))
+    assert not any(
+        x.sharding.is_equivalent_to(p.sharding, p.ndim)
+        for x, p in zip(jax.tree.leaves(bare.mu), jax.tree.leaves(params))
+        if not p.sharding.is_fully_replicated
+    )
