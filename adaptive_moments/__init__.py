@@ -11,18 +11,18 @@ from typing import Any as _Any
 from adaptive_moments._caadam import ScaleByConnectionAwareState as ScaleByConnectionAwareState
 from adaptive_moments._caadam import caadam as caadam
 from adaptive_moments._caadam import caadam_keras as caadam_keras
+from adaptive_moments._caadam import caadam_scales as caadam_scales
 from adaptive_moments._caadam import scale_by_connection_aware as scale_by_connection_aware
 from adaptive_moments._exadam import ScaleByExadamState as ScaleByExadamState
 from adaptive_moments._exadam import exadam as exadam
 from adaptive_moments._exadam import scale_by_exadam as scale_by_exadam
-from adaptive_moments._layers import LayerInfo as LayerInfo
-from adaptive_moments._layers import LayerTable as LayerTable
-from adaptive_moments._layers import layer_table as layer_table
+from adaptive_moments._labeler import layer_table as layer_table
 from adaptive_moments._paths import normalize_path as normalize_path
-from adaptive_moments._scaling import scales_tree as caadam_scales
+from adaptive_moments._row import LayerInfo as LayerInfo
 from adaptive_moments._set_adam import ScaleBySetAdamState as ScaleBySetAdamState
 from adaptive_moments._set_adam import scale_by_set_adam as scale_by_set_adam
 from adaptive_moments._set_adam import set_adam as set_adam
+from adaptive_moments._table import LayerTable as LayerTable
 
 try:
     __version__ = _metadata.version("adaptive_moments")

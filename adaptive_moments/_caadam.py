@@ -4,9 +4,19 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from adaptive_moments import _layers, _moments, _paths, _scaling, _validation, _weight_decay
+from adaptive_moments import (
+    _caadam_scales,
+    _labeler,
+    _moments,
+    _options,
+    _paths,
+    _table,
+    _validation,
+    _weight_decay,
+)
 
 
 class ScaleByConnectionAwareState(NamedTuple):
@@ -15,43 +25,93 @@ class ScaleByConnectionAwareState(NamedTuple):
     count: jax.Array  # shape=(), dtype=jnp.int32.
     mu: optax.Updates
     nu: optax.Updates
-    nu_max: optax.Updates | tuple  # () unless amsgrad=True.
-
-
-EPS_PLACEMENTS = ("optax", "keras")
+    nu_max: optax.Updates | tuple[()]  # () unless amsgrad=True.
 
 
 def scale_by_connection_aware(
-    strategy: str = "multiplicative",
+    strategy: _options.Strategy = "multiplicative",
     gamma: jax.typing.ArrayLike | None = None,
     b1: jax.typing.ArrayLike = 0.9,
     b2: jax.typing.ArrayLike = 0.999,
     eps: jax.typing.ArrayLike = 1e-8,
     *,
-    layers: _layers.LayerTable | Any | None = None,
-    structure: str = "layer",
+    layers: _table.LayerTable | Any | None = None,
+    structure: _options.Structure = "layer",
     signed: bool = False,
     amsgrad: bool = False,
-    eps_placement: str = "optax",
+    eps_placement: _options.EpsPlacement = "optax",
     mu_dtype: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-    """Rescales updates with Adam times CaAdam's per-layer factor S.
+    r"""Rescales updates with Adam times CaAdam's per-layer factor S.
 
-    See :func:`adaptive_moments.caadam` for the maths and the arguments.
+    Each parameter's Adam direction
+    :math:`\hat m_t / (\sqrt{\hat v_t} + \epsilon)` is multiplied by the
+    constant :math:`S` of its unit (a layer or a tensor, see ``structure``),
+    computed once on the host from the layer table (S multiplies the finished
+    direction, not :math:`m`, so it cannot overflow near the top of the float
+    range). The learning rate and weight decay are left to the chain;
+    :func:`~adaptive_moments.caadam` adds them and gives the formulas.
+
+    Complex parameters are handled as ``optax.scale_by_adam`` does (the second
+    moment is the average of :math:`|g|^2`). A gradient leaf that is not
+    inexact (integer, bool, or the ``float0`` of ``jax.grad(...,
+    allow_int=True)``) gets a zero update, in the parameter's dtype when
+    ``params`` are passed, and keeps its moments.
+
+    Args:
+      strategy: how S follows from a unit's statistics: ``"additive"``
+        (:math:`1 + \gamma a`), ``"multiplicative"`` (:math:`\gamma^{|a|}`)
+        or ``"depth"`` (:math:`(1+\gamma)^{(d_m-1-d)/d_m}`); :math:`a` is the
+        unit's connection count's signed distance from the median, scaled to
+        [-1, 1], :math:`d` its depth and :math:`d_m` the number of depths.
+      gamma: the strategy's scaling factor; ``None`` is the reference default
+        (0.95 additive, 5.0 multiplicative, 1.0 depth).
+      b1: decay of the first moment, in [0, 1).
+      b2: decay of the second moment, in [0, 1).
+      eps: added to the denominator (where: see ``eps_placement``), > 0.
+      layers: a :class:`~adaptive_moments.LayerTable`, a callable
+        ``params -> LayerTable`` (declare it in ``static_args`` of
+        ``optax.inject_hyperparams``) or ``None`` to derive the table from the
+        tree the transformation receives (paths and shapes; under
+        ``optax.masked`` that is the unmasked subset).
+      structure: the unit S is constant over: ``"layer"`` (all parameters of
+        a layer share one connection count, one depth and one S),
+        ``"variable"`` (each tensor is a unit) or ``"reference"``
+        (bug-compatible with the Keras package: short-name collisions, c = 0
+        for 1-D tensors, depth = tensor index, NaN/inf on degenerate
+        statistics).
+      signed: multiplicative strategy only: :math:`S = \gamma^{a}` (units
+        smaller than the median up, larger ones down) instead of the
+        reference's :math:`\gamma^{|a|}`.
+      amsgrad: divide by the running max of the second moment (``"optax"``
+        placement: of the bias-corrected v, as ``optax.amsgrad``; ``"keras"``:
+        of the raw v, as the reference); kept in ``nu_max``.
+      eps_placement: ``"optax"`` adds epsilon to the bias-corrected
+        :math:`\sqrt{\hat v_t}` (textbook Adam); ``"keras"`` adds it to the raw
+        :math:`\sqrt{v_t}` and folds the bias corrections into the step size,
+        as the Keras reference does.
+      mu_dtype: dtype of the first moment; ``None`` infers it from params.
 
     Returns:
-      A :class:`optax.GradientTransformationExtraArgs` object.
+      The corresponding :class:`optax.GradientTransformationExtraArgs`; its
+      state is a :class:`~adaptive_moments.ScaleByConnectionAwareState`.
+
+    .. seealso:: :func:`~adaptive_moments.caadam` (this transformation with a
+      learning rate and weight decay, and the maths),
+      :func:`~adaptive_moments.caadam_keras` (the Keras reference's preset).
     """
-    _validation.check_choice("strategy", strategy, _scaling.STRATEGIES)
-    _validation.check_choice("structure", structure, _scaling.STRUCTURES)
-    _validation.check_choice("eps_placement", eps_placement, EPS_PLACEMENTS)
+    _validation.check_choice("strategy", strategy, _options.STRATEGIES)
+    _validation.check_choice("structure", structure, _options.STRUCTURES)
+    _validation.check_choice("eps_placement", eps_placement, _options.EPS_PLACEMENTS)
     _validation.check_beta("b1", b1)
     _validation.check_beta("b2", b2)
     _validation.check_positive("eps", eps, "eps = 0 divides 0 by 0 for a zero gradient")
-    resolved_gamma = _scaling.default_gamma(strategy, gamma)
-    _scaling.check_gamma(strategy, resolved_gamma)
-    if isinstance(layers, _layers.LayerTable):  # fail early on a bad table
-        _scaling.scale_factors(layers, strategy, resolved_gamma, structure=structure, signed=signed)
+    resolved_gamma = _caadam_scales.default_gamma(strategy, gamma)
+    _caadam_scales.check_gamma(strategy, resolved_gamma)
+    if isinstance(layers, _table.LayerTable):  # fail early on a bad table
+        _caadam_scales.scale_factors(
+            layers.rows, strategy, resolved_gamma, structure=structure, signed=signed
+        )
     mu_dtype = _moments.canonical_dtype(mu_dtype)
     who = "scale_by_connection_aware"
 
@@ -66,8 +126,10 @@ def scale_by_connection_aware(
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
         _paths.check_not_flattened(updates, who)
-        scales = _scaling.LeafScales(
-            _layers.resolve_table(layers, updates, who),
+        table = _labeler.resolve_table(layers, updates, who)
+        scales = _caadam_scales.LeafScales(
+            table.rows,
+            table.lookup,
             strategy,
             resolved_gamma,
             structure=structure,
@@ -143,17 +205,17 @@ def scale_by_connection_aware(
 
 def caadam(
     learning_rate: optax.ScalarOrSchedule = 1e-3,
-    strategy: str = "multiplicative",
+    strategy: _options.Strategy = "multiplicative",
     gamma: jax.typing.ArrayLike | None = None,
     b1: jax.typing.ArrayLike = 0.9,
     b2: jax.typing.ArrayLike = 0.999,
     eps: jax.typing.ArrayLike = 1e-8,
     *,
-    layers: _layers.LayerTable | Any | None = None,
-    structure: str = "layer",
+    layers: _table.LayerTable | Any | None = None,
+    structure: _options.Structure = "layer",
     signed: bool = False,
     amsgrad: bool = False,
-    eps_placement: str = "optax",
+    eps_placement: _options.EpsPlacement = "optax",
     weight_decay: jax.typing.ArrayLike = 0.0,
     weight_decay_mask: Any | None = None,
     mu_dtype: Any | None = None,
@@ -197,19 +259,13 @@ def caadam(
       b1: decay of the first moment, in [0, 1).
       b2: decay of the second moment, in [0, 1).
       eps: added to the denominator, > 0.
-      layers: a :class:`~adaptive_moments.LayerTable`, a callable
-        ``params -> LayerTable`` (declare it in ``static_args`` of
-        ``optax.inject_hyperparams``) or ``None`` to derive the table from the
-        tree the transformation receives (paths and shapes; under
-        ``optax.masked`` that is the unmasked subset).
-      structure: ``"layer"`` (all parameters of a layer share one connection
-        count, one depth and one S), ``"variable"`` (each tensor is a unit) or
-        ``"reference"`` (bug-compatible with the Keras package: short-name
-        collisions, c = 0 for 1-D tensors, depth = tensor index).
+      layers: the layer table, a callable building it, or ``None`` to derive
+        it from the tree's paths and shapes (details: the transformation's
+        docstring).
+      structure: ``"layer"``, ``"variable"`` or ``"reference"``: the unit S
+        is constant over (details: the transformation's docstring).
       signed: use the signed multiplicative formula.
-      amsgrad: keep the running max of the second moment (``"optax"``
-        placement: of the bias-corrected v, as ``optax.amsgrad``; ``"keras"``:
-        of the raw v, as the reference).
+      amsgrad: keep the running max of the second moment and divide by it.
       eps_placement: ``"optax"`` (textbook Adam) or ``"keras"``.
       weight_decay: decoupled weight decay, scaled by the learning rate but
         not by S (as the Keras base class applies it).
@@ -239,6 +295,10 @@ def caadam(
     References:
       Genet & Inzirillo, `CaAdam: Improving Adam optimizer using connection
       aware methods <https://arxiv.org/abs/2410.24216>`_, 2024.
+
+    .. seealso:: :func:`~adaptive_moments.scale_by_connection_aware` (the
+      transformation without learning rate and weight decay; every argument
+      in full), :func:`~adaptive_moments.caadam_keras`.
     """
     inner = scale_by_connection_aware(
         strategy,
@@ -258,13 +318,13 @@ def caadam(
 
 def caadam_keras(
     learning_rate: optax.ScalarOrSchedule = 1e-3,
-    strategy: str = "additive",
+    strategy: _options.Strategy = "additive",
     gamma: jax.typing.ArrayLike | None = None,
     b1: jax.typing.ArrayLike = 0.9,
     b2: jax.typing.ArrayLike = 0.999,
     eps: jax.typing.ArrayLike = 1e-7,
     *,
-    layers: _layers.LayerTable | Any | None = None,
+    layers: _table.LayerTable | Any | None = None,
     amsgrad: bool = False,
     weight_decay: jax.typing.ArrayLike = 0.0,
     weight_decay_mask: Any | None = None,
@@ -285,6 +345,21 @@ def caadam_keras(
     argument (what the paper's experiments did) uses 0.95 / 5.0 / 1.0; here
     ``gamma=None`` means the latter.
 
+    Args:
+      learning_rate: a scalar or an optax schedule.
+      strategy: ``"additive"`` (the reference's default), ``"multiplicative"``
+        or ``"depth"``.
+      gamma: the strategy's scaling factor; ``None`` is 0.95 / 5.0 / 1.0.
+      b1: decay of the first moment, in [0, 1).
+      b2: decay of the second moment, in [0, 1).
+      eps: added to the square root of the raw v, > 0 (Keras' 1e-7).
+      layers: the layer table (in Keras variable order), a callable building
+        it, or ``None`` for the fallback order.
+      amsgrad: divide by the running max of the raw v.
+      weight_decay: decoupled weight decay, scaled by the learning rate but
+        not by S.
+      weight_decay_mask: a tree or callable selecting the decayed parameters.
+
     Returns:
       The corresponding :class:`optax.GradientTransformationExtraArgs`.
 
@@ -296,6 +371,9 @@ def caadam_keras(
       >>> updates, _ = opt.update(params, opt.init(params))
       >>> print(updates['dense']['kernel'][0, 0])
       -0.00099999...
+
+    .. seealso:: :func:`~adaptive_moments.caadam`,
+      :func:`~adaptive_moments.scale_by_connection_aware`.
     """
     return caadam(
         learning_rate,
@@ -311,3 +389,53 @@ def caadam_keras(
         weight_decay=weight_decay,
         weight_decay_mask=weight_decay_mask,
     )
+
+
+def caadam_scales(
+    params: Any,
+    strategy: _options.Strategy = "multiplicative",
+    gamma: Any = None,
+    *,
+    layers: _table.LayerTable | Any | None = None,
+    structure: _options.Structure = "layer",
+    signed: bool = False,
+) -> Any:
+    """CaAdam's S for every parameter, as a tree shaped like ``params``.
+
+    The factors :func:`scale_by_connection_aware` multiplies each leaf's
+    Adam direction by, through the same route from leaf to S.
+
+    Args:
+      params: the parameter tree (arrays or ``jax.ShapeDtypeStruct``).
+      strategy: ``"additive"``, ``"multiplicative"`` or ``"depth"``.
+      gamma: the strategy's scaling factor; ``None`` is its reference default.
+      layers: a :class:`~adaptive_moments.LayerTable`, a callable
+        ``params -> LayerTable`` or ``None`` to derive it from ``params``.
+      structure: ``"layer"``, ``"variable"`` or ``"reference"``.
+      signed: the signed multiplicative formula.
+
+    Returns:
+      A tree like ``params`` whose leaves are float64 NumPy arrays: a scalar,
+      or a vector along the stack axis for a scan-stacked leaf whose slices
+      differ.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import adaptive_moments as am
+      >>> params = {'a': {'kernel': jnp.zeros((8, 4))}, 'b': {'kernel': jnp.zeros((4, 2))},
+      ...           'c': {'kernel': jnp.zeros((2, 1))}}
+      >>> s = am.caadam_scales(params, 'multiplicative')
+      >>> {k: round(float(v['kernel']), 4) for k, v in s.items()}
+      {'a': 5.0, 'b': 1.0, 'c': 5.0}
+    """
+    who = "caadam_scales"
+    table = _labeler.resolve_table(layers, params, who)
+    scales = _caadam_scales.LeafScales(
+        table.rows, table.lookup, strategy, gamma, structure=structure, signed=signed
+    )
+
+    def one(path, leaf):
+        shape = _paths.leaf_shape(leaf)
+        return np.asarray(scales.for_leaf(path, shape, who), np.float64)[()]
+
+    return _paths.map_with_path(one, params)

@@ -25,12 +25,36 @@ def scale_by_exadam(
     log_step_size: bool = False,
     mu_dtype: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-    """Rescales updates with EXAdam's cross-debiased moments and gradient term.
+    r"""Rescales updates with EXAdam's cross-debiased moments and gradient term.
 
-    See :func:`adaptive_moments.exadam` for the maths and the arguments.
+    The first moment and the gradient are debiased with a factor from the
+    second moment, the second moment with one from the first, and the
+    debiased gradient is added to the numerator; the learning rate and weight
+    decay are left to the chain. :func:`~adaptive_moments.exadam` adds them
+    and gives the formulas.
+
+    Overflow-safe: where :math:`v` or :math:`m^2` overflows to inf the cross
+    factors take their limit :math:`1 + \beta^t` rather than NaN. Complex
+    parameters are handled as ``optax.scale_by_adam`` does (the second moment
+    is the average of :math:`|g|^2`, and :math:`|m|^2` enters the cross
+    factor). A gradient leaf that is not inexact (integer, bool, or the
+    ``float0`` of ``jax.grad(..., allow_int=True)``) gets a zero update, in
+    the parameter's dtype when ``params`` are passed, and keeps its moments.
+
+    Args:
+      b1: decay of the first moment, in [0, 1).
+      b2: decay of the second moment, in [0, 1).
+      eps: used in both cross factors and the denominator, > 0.
+      log_step_size: multiply the step by paper v1's growing factor
+        :math:`\ln(\sqrt 2 \sqrt{t+1})`.
+      mu_dtype: dtype of the first moment; ``None`` infers it from params.
 
     Returns:
-      A :class:`optax.GradientTransformationExtraArgs` object.
+      The corresponding :class:`optax.GradientTransformationExtraArgs`; its
+      state is a :class:`~adaptive_moments.ScaleByExadamState`.
+
+    .. seealso:: :func:`~adaptive_moments.exadam` (this transformation with a
+      learning rate and weight decay, and the maths).
     """
     _validation.check_beta("b1", b1)
     _validation.check_beta("b2", b2)
@@ -167,6 +191,9 @@ def exadam(
     References:
       Adly, `EXAdam: The Power of Adaptive Cross-Moments
       <https://arxiv.org/abs/2412.20302>`_, 2024.
+
+    .. seealso:: :func:`~adaptive_moments.scale_by_exadam` (the transformation
+      without learning rate and weight decay).
     """
     inner = scale_by_exadam(b1, b2, eps, log_step_size=log_step_size, mu_dtype=mu_dtype)
     return _weight_decay.chain_with_decay(

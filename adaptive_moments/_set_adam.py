@@ -1,12 +1,115 @@
 """SET-Adam: Adam with the range of adaptive stepsizes suppressed per layer."""
 
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from adaptive_moments import _layers, _moments, _paths, _reductions, _validation, _weight_decay
+from adaptive_moments import _labeler, _moments, _paths, _table, _validation, _weight_decay
+
+# ---------------------------------------------------------------------------
+# Per-layer reductions: the sums and the min of a layer's v.
+#
+# This is the one place where a "layer" of SET-Adam is reduced. A layer is one
+# parameter tensor (docs/set_adam.md §2.1), or one slice along the stack axis
+# of a scan-stacked leaf. Three statistics are needed: sum(v), sum(v * v) and
+# min(w) where w = sqrt(s * v / bc2 + eps). Since w is a non-decreasing
+# function of v (for s >= 0, and IEEE rounding is monotone), min(w) =
+# w(min(v)) exactly, so all three reduce the raw v in one independent pass:
+# XLA fuses them into one loop over the layer, and under sharding their
+# all-reduces are independent (they can be combined).
+#
+# Inside shard_map each device sees only its shard, so with axis_name the
+# partial sums are psum-ed and the min pmin-ed over the named mesh axes, and
+# the element count is multiplied by the axes' size.
+
+AxisNames = None | str | Sequence[str] | Mapping[str, Any] | Callable[[str], Any]
+
+
+def axes_for(axis_name: AxisNames, path: str) -> tuple[str, ...]:
+    """The mesh axes a leaf's statistics are reduced over inside shard_map."""
+    if axis_name is None:
+        return ()
+    if callable(axis_name) and not isinstance(axis_name, str):
+        names = axis_name(path)
+    elif isinstance(axis_name, Mapping):
+        names = axis_name.get(path)
+    else:
+        names = axis_name
+    if names is None:
+        return ()
+    if isinstance(names, str):
+        return (names,)
+    return tuple(names)
+
+
+def overflow_scale(dtype: Any) -> float:
+    """The power of two the statistics fall back to when ``sum(v^2)`` overflows.
+
+    ``2^(-5/8 emax)`` (2^-80 in float32): scaled by it, the largest finite v
+    squares to at most 2^(emax/4 * 3) and a layer's sum of ``2^(emax/4)``
+    such squares stays finite, while the smallest v that can overflow
+    ``sum(v^2)`` (about ``2^(emax/2) / sqrt(d)``) stays far above the
+    underflow threshold. A power of two, so scaling is exact.
+    """
+    return 2.0 ** -(jnp.finfo(dtype).maxexp * 5 // 8)
+
+
+def layer_statistics(
+    v: jax.Array,
+    stack_axis: int | None,
+    mesh_axes: tuple[str, ...],
+    guard: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(s, min v, c)`` per layer, kept broadcastable against v.
+
+    ``s = (sum v)^2 / (d (sum v^2 + guard)) = cos^2(v, 1)`` is the down-scaling
+    factor; ``min v`` the layer minimum; ``c`` is 1, or
+    :func:`overflow_scale` for a layer whose ``sum(v^2)`` overflowed, in which
+    case the caller evaluates the stepsizes in units of ``c`` (exactly, as ``c``
+    is a power of two). Reduces over every axis but ``stack_axis``.
+
+    Why two sets of sums: ``v * v`` overflows float32 once v passes ~1.8e19
+    (|g| ~ 1.3e11 on a 12-element layer: fp16 loss scaling, loss spikes), and
+    a NaN update then makes ``optax.apply_if_finite`` skip every step. ``s`` is
+    scale-invariant, so the same sums of ``c * v`` give it without overflow.
+    Where the plain sums are finite ``s`` is exactly the reference's, so
+    ordinary training is unchanged; all four sums and the min read v in one
+    fused pass.
+    """
+    axes = tuple(i for i in range(v.ndim) if i != stack_axis)
+    c = jnp.asarray(overflow_scale(v.dtype), v.dtype)
+    vc = v * c
+    s1 = jnp.sum(v, axis=axes, keepdims=True)
+    s2 = jnp.sum(v * v, axis=axes, keepdims=True)
+    s1c = jnp.sum(vc, axis=axes, keepdims=True)
+    s2c = jnp.sum(vc * vc, axis=axes, keepdims=True)
+    vmin = jnp.min(v, axis=axes, keepdims=True)
+    d = 1
+    for i in axes:
+        d *= v.shape[i]
+    if mesh_axes:
+        s1, s2, s1c, s2c = jax.lax.psum((s1, s2, s1c, s2c), mesh_axes)
+        vmin = jax.lax.pmin(vmin, mesh_axes)
+        d = d * jax.lax.psum(1, mesh_axes)
+    d = jnp.asarray(d, v.dtype)
+    # mean * sum rather than sum^2 / d (the reference's order): squaring
+    # sum(v) first would overflow sqrt(d) times earlier than sum(v^2).
+    s_plain = ((s1 / d) * s1) / (s2 + guard)
+    # The guard scales by c^2 too (it underflows to 0: negligible here).
+    s_scaled = ((s1c / d) * s1c) / (s2c + guard * c * c)
+    overflow = ~jnp.isfinite(s2)
+    # An inf v (|g|^2 overflowed) leaves no meaningful cosine: s = 1, and
+    # that element's step is m / inf = 0, as optax.adam's is.
+    s = jnp.where(overflow, jnp.where(jnp.isnan(s_scaled), 1, s_scaled), s_plain).astype(v.dtype)
+    one = jnp.ones((), v.dtype)
+    return s, vmin, jnp.where(overflow, c, one)
+
+
+# ---------------------------------------------------------------------------
+# The transformation and its alias.
 
 # Added to sum(v^2) of the raw v in the down-scaling factor; hard-coded in the
 # reference code (docs/set_adam.md §2).
@@ -27,16 +130,55 @@ def scale_by_set_adam(
     eps: jax.typing.ArrayLike = 1e-8,
     tau: jax.typing.ArrayLike = 0.5,
     *,
-    layers: _layers.LayerTable | Any | None = None,
-    axis_name: _reductions.AxisNames = None,
+    layers: _table.LayerTable | Any | None = None,
+    axis_name: AxisNames = None,
     mu_dtype: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-    """Rescales updates with SET-Adam's per-layer suppressed stepsizes.
+    r"""Rescales updates with SET-Adam's per-layer suppressed stepsizes.
 
-    See :func:`adaptive_moments.set_adam` for the maths and the arguments.
+    Per layer, the second moment is down-scaled by its squared cosine with the
+    all-one vector, epsilon is embedded inside the square root, and the
+    denominator is shifted down by ``tau`` times its layer minimum; the
+    learning rate and weight decay are left to the chain.
+    :func:`~adaptive_moments.set_adam` adds them and gives the formulas.
+
+    Overflow-safe: a layer whose :math:`\sum_i v_i^2` overflows the dtype is
+    evaluated in units of an exact power of two, so large gradients give
+    finite steps (an element whose :math:`|g|^2` itself overflows steps 0, as
+    in ``optax.adam``). Complex parameters are handled as
+    ``optax.scale_by_adam`` does (the second moment is the average of
+    :math:`|g|^2`). A gradient leaf that is not inexact (integer, bool, or the
+    ``float0`` of ``jax.grad(..., allow_int=True)``) gets a zero update, in
+    the parameter's dtype when ``params`` are passed, and keeps its moments.
+
+    Args:
+      b1: decay of the first moment, in [0, 1).
+      b2: decay of the second moment, in [0, 1).
+      eps: embedded inside the square root, > 0.
+      tau: down-translation fraction, in [0, 1); a one-element layer steps
+        :math:`1/(1-\tau)` times as far as Adam.
+      layers: a :class:`~adaptive_moments.LayerTable` (or a callable
+        ``params -> LayerTable``) whose ``stack_axis`` entries make a stacked
+        leaf reduce per slice; ``None`` reduces every leaf as one layer.
+      axis_name: inside ``shard_map``, the mesh axis name(s) the layers are
+        sharded over (a name, a tuple, a mapping path -> names, or a callable
+        path -> names); sums are ``psum``-ed and the min ``pmin``-ed over them.
+        Without it, inside ``shard_map`` each device reduces only its own
+        shard, with ``d`` its local size: every shard acts as a layer of its
+        own, so the update differs from the global-layer one and between
+        devices. A leaf that is replicated, or sharded only along its stack
+        axis (each device holds whole layers), needs no axis name; naming the
+        stack axis would mix different layers. Under plain ``jax.jit`` with
+        sharded arrays no ``axis_name`` is needed: XLA inserts the
+        all-reduces (combined into one per reduction kind and device group).
+      mu_dtype: dtype of the first moment; ``None`` infers it from params.
 
     Returns:
-      A :class:`optax.GradientTransformationExtraArgs` object.
+      The corresponding :class:`optax.GradientTransformationExtraArgs`; its
+      state is a :class:`~adaptive_moments.ScaleBySetAdamState`.
+
+    .. seealso:: :func:`~adaptive_moments.set_adam` (this transformation with
+      a learning rate and weight decay, and the maths).
     """
     _validation.check_beta("b1", b1)
     _validation.check_beta("b2", b2)
@@ -53,7 +195,7 @@ def scale_by_set_adam(
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
         _paths.check_not_flattened(updates, who)
-        table = _layers.resolve_table(layers, updates, who) if layers is not None else None
+        table = _labeler.resolve_table(layers, updates, who) if layers is not None else None
         count = _moments.increment(state.count)
         mu, nu = _moments.update_moments(updates, state.mu, state.nu, b1, b2)
         # Scalars shared by all leaves of a dtype, built once (small traces).
@@ -82,9 +224,7 @@ def scale_by_set_adam(
             # (1) down-scaling: s = cos^2(v, 1), per layer; c = 1 unless the
             # layer's sum(v^2) overflows, then w and its shift are computed
             # in units of c (a power of two: exact) and rescaled at the end.
-            s, vmin, c = _reductions.layer_statistics(
-                v, stack_axis, _reductions.axes_for(axis_name, path), guard
-            )
+            s, vmin, c = layer_statistics(v, stack_axis, axes_for(axis_name, path), guard)
             # (2) eps inside the sqrt, after bias correction; s / bc2 is one
             # per-layer factor, so the element-wise work is one multiply-add.
             k = (s / bc2) * c
@@ -116,8 +256,8 @@ def set_adam(
     weight_decay: jax.typing.ArrayLike = 0.0,
     decoupled_weight_decay: bool = False,
     weight_decay_mask: Any | None = None,
-    layers: _layers.LayerTable | Any | None = None,
-    axis_name: _reductions.AxisNames = None,
+    layers: _table.LayerTable | Any | None = None,
+    axis_name: AxisNames = None,
     mu_dtype: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""SET-Adam: Adam with the range of its adaptive stepsizes suppressed.
@@ -155,17 +295,9 @@ def set_adam(
       layers: a :class:`~adaptive_moments.LayerTable` (or a callable building
         one) whose ``stack_axis`` entries make a stacked leaf reduce per
         slice; ``None`` reduces every leaf as one layer.
-      axis_name: inside ``shard_map``, the mesh axis name(s) the layers are
-        sharded over (a name, a tuple, a mapping path -> names, or a callable
-        path -> names); sums are ``psum``-ed and the min ``pmin``-ed over them.
-        Without it, inside ``shard_map`` each device reduces only its own
-        shard, with ``d`` its local size: every shard acts as a layer of its
-        own, so the update differs from the global-layer one and between
-        devices. A leaf that is replicated, or sharded only along its stack
-        axis (each device holds whole layers), needs no axis name; naming the
-        stack axis would mix different layers. Under plain ``jax.jit`` with
-        sharded arrays no ``axis_name`` is needed: XLA inserts the
-        all-reduces (combined into one per reduction kind and device group).
+      axis_name: inside ``shard_map``, the mesh axis name(s) a layer is
+        sharded over; not needed under ``jax.jit`` (details: the
+        transformation's docstring).
       mu_dtype: dtype of the first moment; ``None`` infers it from params.
 
     Returns:
@@ -190,6 +322,10 @@ def set_adam(
       Zhang, Niwa & Kleijn, `On Suppressing Range of Adaptive Stepsizes of
       Adam to Improve Generalisation Performance
       <https://arxiv.org/abs/2302.01029>`_, 2023.
+
+    .. seealso:: :func:`~adaptive_moments.scale_by_set_adam` (the
+      transformation without learning rate and weight decay; every argument
+      in full).
     """
     inner = scale_by_set_adam(
         b1, b2, eps, tau, layers=layers, axis_name=axis_name, mu_dtype=mu_dtype

@@ -65,12 +65,14 @@ default ``nnx.Param``) are labelled; batch statistics, caches and RNG state
 never are.
 
 This module imports flax; ``import adaptive_moments as am`` loads it lazily
-as ``am.flax``.
+as ``am.flax``. It holds the two tracing front ends; the module-type rules
+are in ``_flax_rules.py`` and the pipeline shared after the trace in
+``_flax_trace.py``.
 """
 
+import dataclasses
 import functools
 import inspect
-import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -79,321 +81,34 @@ import jax
 import numpy as np
 from flax import nnx
 
-from adaptive_moments import _layers, _paths
+from adaptive_moments import _flax_trace, _labeler, _options
+from adaptive_moments._row import LayerInfo
+from adaptive_moments._table import LayerTable
 
 __all__ = ["linen_layer_table", "nnx_layer_table"]
 
-DEPTH_POLICIES = ("call", "dataflow")
+DEPTH_POLICIES = _options.DEPTH_POLICIES
+
+# The arguments both adapters take, documented once.
+_SHARED_ARGS = """depth: ``"call"`` (first-call order) or ``"dataflow"`` (parallel
+        branches share a depth); see the module docstring.
+      depths: explicit depths per layer/parameter path or regex; override.
+      stack_axes: stack axis per layer/parameter path or regex; override.
+      stack_names: partition names that mark a stack axis.
+      fan_fn: ``fan_fn(path, slice_shape)`` -> ``(fan_in, fan_out[,
+        connections])`` or ``None``; overrides the module-type rules."""
 
 
-# ---------------------------------------------------------------------------
-# shared helpers
+def _shared_args_doc(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Writes :data:`_SHARED_ARGS` in place of ``{shared_args}`` in ``fn``'s docstring."""
+    if fn.__doc__:  # None under python -OO
+        fn.__doc__ = fn.__doc__.replace("{shared_args}", _SHARED_ARGS)
+    return fn
 
 
-def _is_arraylike(x: Any) -> bool:
-    return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))
-
-
-def _split_args(
-    args: Sequence[Any], kwargs: Mapping[str, Any]
-) -> tuple[dict[Any, Any], Callable[[dict[Any, Any]], tuple[list[Any], dict[str, Any]]]]:
-    """Arguments made of arrays are traced; anything else (flags) is static."""
-    dyn: dict[Any, Any] = {}
-    static: dict[Any, Any] = {}
-    for key, value in [*enumerate(args), *kwargs.items()]:
-        leaves = jax.tree_util.tree_leaves(value)
-        if leaves and all(_is_arraylike(v) for v in leaves):
-            dyn[key] = value
-        else:
-            static[key] = value
-
-    def rebuild(d: dict[Any, Any]) -> tuple[list[Any], dict[str, Any]]:
-        merged = {**static, **d}
-        return [merged[i] for i in range(len(args))], {k: merged[k] for k in kwargs}
-
-    return dyn, rebuild
-
-
-def _check_depth(depth: str) -> None:
+def _check_depth(depth: _options.DepthPolicy) -> None:
     if depth not in DEPTH_POLICIES:
         raise ValueError(f"depth must be one of {DEPTH_POLICIES}; got {depth!r}.")
-
-
-def _norm_like(type_name: str) -> bool:
-    return type_name.endswith("Norm")
-
-
-def _general_fans(
-    shape: tuple[int, ...], n_batch: int, n_out: int
-) -> tuple[int, int, int]:
-    n_in = len(shape) - n_batch - n_out
-    if n_in < 1 or n_out < 1:
-        return _layers.default_fans(shape)
-    fan_in = math.prod(shape[n_batch : n_batch + n_in])
-    fan_out = math.prod(shape[len(shape) - n_out :])
-    return fan_in, fan_out, math.prod(shape)
-
-
-def _as_tuple(x: Any) -> tuple:
-    if x is None:
-        return ()
-    if isinstance(x, (list, tuple)):
-        return tuple(x)
-    if isinstance(x, Mapping):
-        return tuple(x)
-    return (x,)
-
-
-_EINSUM_TYPES = (nn.Einsum, nnx.Einsum)
-
-
-def _einsum_subscripts(spec: str) -> list[str]:
-    """Subscripts of one einsum operand; ``...`` is one token."""
-    head, dots, tail = spec.partition("...")
-    return [*head, *(["..."] if dots else []), *tail]
-
-
-def _einsum_fans(equation: str, shape: tuple[int, ...]) -> tuple[int, int, int] | None:
-    """Fans of the kernel of ``'input,kernel->output'`` (module docstring).
-
-    Contracted kernel axes (in the input, not in the output) make fan-in;
-    axes that only the kernel brings to the output make fan-out. Axes in
-    input, kernel and output (per-head weights) and kernel-only axes summed
-    away are in neither fan: a batch of independent maps, counted only in
-    the connections, which are the number of kernel weights, as for
-    ``DenseGeneral``'s ``batch_dims``. ``None`` when the equation does not
-    describe a kernel of this rank.
-
-    Example:
-      >>> _einsum_fans('bi,ihj->bhj', (4, 3, 5))
-      (4, 15, 60)
-      >>> _einsum_fans('bhi,hio->bho', (2, 4, 3))  # per head: 4 -> 3
-      (4, 3, 24)
-    """
-    lhs, arrow, out = equation.replace(" ", "").partition("->")
-    operands = lhs.split(",")
-    if not arrow or len(operands) != 2:
-        return None
-    inputs, outputs = set(_einsum_subscripts(operands[0])), set(_einsum_subscripts(out))
-    kernel = _einsum_subscripts(operands[1])
-    # '...' spans the kernel axes that the letters do not name.
-    n_dots = len(shape) - (len(kernel) - 1) if "..." in kernel else 0
-    if n_dots < 0 or ("..." not in kernel and len(kernel) != len(shape)):
-        return None
-    fan_in = fan_out = 1
-    has_in = has_out = False
-    axis = 0
-    for sub in kernel:
-        span = n_dots if sub == "..." else 1
-        size = math.prod(shape[axis : axis + span])
-        axis += span
-        if span and sub in inputs and sub not in outputs:
-            fan_in, has_in = fan_in * size, True
-        elif span and sub in outputs and sub not in inputs:
-            fan_out, has_out = fan_out * size, True
-    if not (has_in or has_out):  # an elementwise scale, like a norm's
-        return 0, 0, 0
-    return fan_in, fan_out, math.prod(shape)
-
-
-def _module_fans(
-    module: Any, leaf: str, shape: tuple[int, ...], equation: str | None = None
-) -> tuple[int, int, int]:
-    """Fans of one slice of ``leaf`` owned by ``module``, by module type.
-
-    ``equation`` is the einsum equation an ``Einsum`` module was called with
-    (``None``: its ``einsum_str``). The rules are listed in the module
-    docstring; types without a rule get :func:`_layers.default_fans`.
-    """
-    name = leaf.lower()
-    type_name = type(module).__name__ if module is not None else ""
-    if name in _layers.NO_CONNECTION_LEAVES or _norm_like(type_name):
-        return 0, 0, 0
-    if name == "kernel" and isinstance(module, _EINSUM_TYPES):
-        equation = equation or getattr(module, "einsum_str", None)
-        fans = _einsum_fans(equation, shape) if isinstance(equation, str) else None
-        if fans is not None:
-            return fans
-    if len(shape) < 2:
-        return 0, 0, 0
-    if name == "kernel" and type_name == "DenseGeneral":  # linen
-        return _general_fans(
-            shape, len(_as_tuple(module.batch_dims)), len(_as_tuple(module.features))
-        )
-    if name == "kernel" and type_name == "LinearGeneral":  # nnx
-        return _general_fans(
-            shape, len(_as_tuple(module.batch_axis)), len(_as_tuple(module.out_features))
-        )
-    return _layers.default_fans(shape)
-
-
-def _expected_rank(module: Any, leaf: str) -> int | None:
-    """Rank of an unstacked ``leaf`` of ``module`` (for stack detection)."""
-    if module is None:
-        return None
-    type_name = type(module).__name__
-    name = leaf.lower()
-    if name in _layers.LORA_LEAVES:
-        return 2
-    if type_name in ("Dense", "Linear", "Embed", "LoRALinear"):
-        return 1 if name == "bias" else 2
-    if isinstance(module, _EINSUM_TYPES) and name == "kernel":
-        return len(_as_tuple(getattr(module, "shape", getattr(module, "kernel_shape", None))))
-    if type_name in ("Conv", "ConvTranspose"):
-        size = _as_tuple(getattr(module, "kernel_size", ()))
-        return 1 if name == "bias" else len(size) + 2
-    if _norm_like(type_name) and type_name != "GroupNorm":
-        axes = getattr(module, "feature_axes", getattr(module, "reduction_axes", -1))
-        return len(_as_tuple(axes)) if type_name == "LayerNorm" else 1
-    if type_name == "GroupNorm":
-        return 1
-    return None
-
-
-def _stack_axis_from_shapes(outer: tuple[int, ...], inner: tuple[int, ...]) -> int | None:
-    if len(outer) != len(inner) + 1:
-        return None
-    candidates = [i for i in range(len(outer)) if outer[:i] + outer[i + 1 :] == inner]
-    if not candidates:
-        return None
-    return 0 if 0 in candidates else candidates[0]
-
-
-def _einsum_equation(
-    module: Any, method: str, args: Sequence[Any], kwargs: Mapping[str, Any]
-) -> str | None:
-    """The equation an ``Einsum`` call uses: its argument, else the attribute."""
-    if method != "__call__" or not isinstance(module, _EINSUM_TYPES):
-        return None
-    try:
-        bound = inspect.signature(type(module).__call__).bind(module, *args, **kwargs)
-        equation = bound.arguments.get("einsum_str")
-    except TypeError:  # a subclass with another signature
-        equation = None
-    if equation is None:
-        equation = getattr(module, "einsum_str", None)
-    return equation if isinstance(equation, str) else None
-
-
-class _Capture:
-    """Call events and the parameter shapes each module sees during a call."""
-
-    def __init__(self) -> None:
-        self.events: list[tuple[str, str, str]] = []  # (begin|end, path, method)
-        self.modules: dict[str, Any] = {}  # path -> first module object seen
-        self.inner: dict[str, tuple[int, ...]] = {}  # param path -> shape seen
-        self.equations: dict[str, str] = {}  # Einsum module path -> equation
-
-    def begin(self, path: str, method: str, module: Any, equation: str | None = None) -> None:
-        self.modules.setdefault(path, module)
-        if equation is not None:
-            self.equations.setdefault(path, equation)
-        self.events.append(("begin", path, method))
-
-    def end(self, path: str, method: str, own: Mapping[str, Any]) -> None:
-        for leaf, shape in own.items():
-            self.inner.setdefault(f"{path}/{leaf}" if path else leaf, shape)
-        self.events.append(("end", path, method))
-
-
-def _refine(
-    specs: list[_layers.LeafSpec],
-    modules: Mapping[str, Any],
-    inner: Mapping[str, tuple[int, ...]],
-    explicit_axes: Mapping[str, int] | None,
-    fan_fn: _layers.FanFn | None,
-    equations: Mapping[str, str],
-) -> None:
-    """Module types, stack axes and fans from what the trace saw (in place)."""
-    for s in specs:
-        module = modules.get(_layers.parent_path(s.path))
-        leaf = s.path.rsplit("/", 1)[-1]
-        s.module = type(module).__name__ if module is not None else ""
-        explicit = _layers.match(explicit_axes, s.path, s.layer) is not None
-        if s.stack_axis is None and not explicit:
-            if s.path in inner:
-                s.stack_axis = _stack_axis_from_shapes(s.shape, inner[s.path])
-            else:
-                rank = _expected_rank(module, leaf)
-                if rank is not None and len(s.shape) == rank + 1:
-                    s.stack_axis = 0
-    _layers.propagate_stack_axes(specs)
-    for s in specs:
-        owner = _layers.parent_path(s.path)
-        leaf = s.path.rsplit("/", 1)[-1]
-        fans = _module_fans(modules.get(owner), leaf, s.slice_shape, equations.get(owner))
-        s.fan_in, s.fan_out, s.connections = _layers.apply_fan_fn(
-            fan_fn, s.path, s.slice_shape, fans
-        )
-
-
-def _order_and_uses(
-    events: Sequence[tuple[str, str, str]], specs: Sequence[_layers.LeafSpec]
-) -> tuple[list[str], dict[str, int]]:
-    """Layers in order of first call, and their number of applications.
-
-    A call nested in a call that already applies the same layer (the base
-    layer inside a LoRA wrapper, ``super().__call__``) is the same
-    application. A stacked layer counts each (module, method) once: linen
-    traces an ``nn.scan`` body twice.
-    """
-    owner_layers: dict[str, list[str]] = {}
-    stacked = set()
-    for s in specs:
-        layers = owner_layers.setdefault(_layers.parent_path(s.path), [])
-        if s.layer not in layers:
-            layers.append(s.layer)
-        if s.stack_axis is not None:
-            stacked.add(s.layer)
-    order: dict[str, None] = {}
-    uses: dict[str, int] = {}
-    active: list[list[str]] = []
-    sites: set[tuple[str, str, str]] = set()
-    for kind, path, method in events:
-        if kind == "end":
-            active.pop()
-            continue
-        layers = owner_layers.get(path, [])
-        outer = {ly for a in active for ly in a}
-        for layer in layers:
-            order.setdefault(layer, None)
-            if layer in outer:
-                continue
-            if layer in stacked:
-                if (layer, path, method) in sites:
-                    continue
-                sites.add((layer, path, method))
-            uses[layer] = uses.get(layer, 0) + 1
-        active.append(layers)
-    return list(order), uses
-
-
-def _unused_paths(
-    fn: Callable[..., Any], params: Any, consts: Any, inputs: Sequence[Any]
-) -> set[str]:
-    """Paths of the ``params`` leaves that no output of ``fn`` depends on.
-
-    ``fn(params, consts, *inputs)`` is traced to a jaxpr (no FLOPs) and
-    dead code is eliminated; a parameter input that survives is used. So a
-    parameter that is never read, or only read into values that are thrown
-    away, is unused: its gradient is zero.
-    """
-    from jax.interpreters import partial_eval as pe
-
-    closed = jax.make_jaxpr(fn)(params, consts, *inputs)
-    flat, _ = jax.tree_util.tree_flatten_with_path(params)
-    _, used = pe.dce_jaxpr(closed.jaxpr, [True] * len(closed.jaxpr.outvars))
-    return {_paths.normalize_path(path) for (path, _), kept in zip(flat, used) if not kept}
-
-
-def _levels_and_uses(
-    apps: Mapping[tuple[str, int | None], list[int]],
-) -> tuple[dict[tuple[str, int | None], int], dict[str, int]]:
-    levels = {u: min(v) for u, v in apps.items()}
-    uses: dict[str, int] = {}
-    for (layer, _), v in apps.items():
-        uses[layer] = max(uses.get(layer, 0), len(v))
-    return levels, uses
 
 
 # ---------------------------------------------------------------------------
@@ -402,18 +117,19 @@ def _levels_and_uses(
 _SKIPPED_LINEN_METHODS = ("setup",)
 
 
+@_shared_args_doc
 def linen_layer_table(
     module: nn.Module,
     *example_args: Any,
     method: str | Callable[..., Any] | None = None,
     rngs: Any = None,
-    depth: str = "call",
+    depth: _options.DepthPolicy = "call",
     depths: Mapping[str, int | Sequence[int]] | None = None,
     stack_axes: Mapping[str, int] | None = None,
     stack_names: Sequence[str] = ("layers",),
-    fan_fn: _layers.FanFn | None = None,
+    fan_fn: _labeler.FanFn | None = None,
     **example_kwargs: Any,
-) -> _layers.LayerTable:
+) -> LayerTable:
     """Layer table of a linen module, in forward order.
 
     ``module.init`` runs once under ``jax.eval_shape`` with
@@ -428,13 +144,7 @@ def linen_layer_table(
       method: the method to trace (default ``__call__``).
       rngs: a PRNG key or a dict of keys for ``init`` (default: key 0 for the
         ``params`` and ``dropout`` streams).
-      depth: ``"call"`` (first-call order) or ``"dataflow"`` (parallel
-        branches share a depth); see the module docstring.
-      depths: explicit depths per layer/parameter path or regex; override.
-      stack_axes: stack axis per layer/parameter path or regex; override.
-      stack_names: partition names that mark a stack axis.
-      fan_fn: ``fan_fn(path, slice_shape)`` -> ``(fan_in, fan_out[,
-        connections])`` or ``None``; overrides the module-type rules.
+      {shared_args}
       **example_kwargs: keyword arguments of the call (``train=False``).
 
     Returns:
@@ -458,8 +168,8 @@ def linen_layer_table(
         rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
     elif not isinstance(rngs, Mapping):
         rngs = {"params": rngs}
-    dyn, rebuild = _split_args(example_args, example_kwargs)
-    capture = _Capture()
+    dyn, rebuild = _flax_trace.split_args(example_args, example_kwargs)
+    capture = _flax_trace.Capture()
 
     def interceptor(next_fun, args, kwargs, context):
         name = context.method_name
@@ -471,11 +181,9 @@ def linen_layer_table(
             return next_fun(*args, **kwargs)
         mod = context.module
         path = "/".join(str(p) for p in mod.path)
-        capture.begin(path, name, mod, _einsum_equation(mod, name, args, kwargs))
-        try:
-            return next_fun(*args, **kwargs)
-        finally:
-            capture.end(path, name, _linen_own_shapes(mod))
+        return capture.record(
+            path, name, mod, args, kwargs, lambda: next_fun(*args, **kwargs), _linen_own_shapes
+        )
 
     def init_fn(rngs, dyn):
         args, kwargs = rebuild(dyn)
@@ -485,11 +193,9 @@ def linen_layer_table(
         variables = jax.eval_shape(init_fn, rngs, dyn)
     variables = dict(variables)
     params = variables.get("params", {})
-    specs = _layers.collect_leaves(
+    rows = _labeler.collect_leaves(
         params, stack_axes=stack_axes, stack_names=stack_names, collection=None
     )
-    _refine(specs, capture.modules, capture.inner, stack_axes, fan_fn, capture.equations)
-    order, uses = _order_and_uses(capture.events, specs)
     consts = nn.meta.unbox({k: v for k, v in variables.items() if k != "params"})
     # All of init's streams: linen falls back to "params" for a stream that
     # is not given (dropout), at init and at apply alike.
@@ -506,21 +212,19 @@ def linen_layer_table(
         out, mutated = apply_fn(p, c, d)
         return out, {k: v for k, v in mutated.items() if k != "params"}
 
-    unboxed = nn.meta.unbox(params)
-    unused = _unused_paths(outputs_fn, unboxed, consts, [dyn])
-    levels = None
-    if depth == "dataflow":
-        apps = _layers.dataflow_levels(
-            apply_fn,
-            unboxed,
-            consts,
-            [dyn],
-            {s.path: s.layer for s in specs},
-            {s.path: s.stack_axis is not None for s in specs},
-        )
-        levels, uses = _levels_and_uses(apps)
-    return _layers.assemble(
-        specs, order=order, levels=levels, depths=depths, uses=uses, unused=unused
+    return _flax_trace.table_from_trace(
+        rows,
+        capture,
+        capture.modules,
+        apply_fn=apply_fn,
+        outputs_fn=outputs_fn,
+        params=nn.meta.unbox(params),
+        consts=consts,
+        inputs=dyn,
+        depth=depth,
+        depths=depths,
+        stack_axes=stack_axes,
+        fan_fn=fan_fn,
     )
 
 
@@ -534,7 +238,7 @@ def _linen_own_shapes(mod: nn.Module) -> dict[str, tuple[int, ...]]:
     for name, value in own.items():
         if isinstance(value, Mapping):
             continue  # a child module
-        if _layers.is_box(value):
+        if _labeler.is_box(value):
             value = value.value
         out[name] = tuple(int(d) for d in np.shape(value))
     return out
@@ -571,18 +275,19 @@ def _nnx_own_shapes(module: nnx.Module) -> dict[str, tuple[int, ...]]:
     return out
 
 
+@_shared_args_doc
 def nnx_layer_table(
     model: nnx.Module,
     *example_args: Any,
     method: str = "__call__",
     wrt: Any = nnx.Param,
-    depth: str = "call",
+    depth: _options.DepthPolicy = "call",
     depths: Mapping[str, int | Sequence[int]] | None = None,
     stack_axes: Mapping[str, int] | None = None,
     stack_names: Sequence[str] = ("layers",),
-    fan_fn: _layers.FanFn | None = None,
+    fan_fn: _labeler.FanFn | None = None,
     **example_kwargs: Any,
-) -> _layers.LayerTable:
+) -> LayerTable:
     """Layer table of an nnx model, in forward order.
 
     A copy of the model is called once under ``jax.eval_shape``; while it
@@ -601,12 +306,7 @@ def nnx_layer_table(
       method: the method to trace.
       wrt: the Variable filter the optimizer uses (``nnx.Param``;
         ``nnx.LoRAParam`` to train only adapters).
-      depth: ``"call"`` (first-call order) or ``"dataflow"``.
-      depths: explicit depths per layer/parameter path or regex; override.
-      stack_axes: stack axis per layer/parameter path or regex; override.
-      stack_names: partition names that mark a stack axis.
-      fan_fn: ``fan_fn(path, slice_shape)`` -> ``(fan_in, fan_out[,
-        connections])`` or ``None``; overrides the module-type rules.
+      {shared_args}
       **example_kwargs: keyword arguments of the call.
 
     Returns:
@@ -628,7 +328,7 @@ def nnx_layer_table(
        ('a_second/kernel', 1, 16), ('a_second/bias', 1, 0)]
     """
     _check_depth(depth)
-    dyn, rebuild = _split_args(example_args, example_kwargs)
+    dyn, rebuild = _flax_trace.split_args(example_args, example_kwargs)
     clone = nnx.clone(model)
     modules: dict[str, Any] = {}
     for parts, node in nnx.iter_graph(clone):
@@ -637,7 +337,7 @@ def nnx_layer_table(
             setattr(node, _PATH_ATTR, path)
             modules[path] = node
 
-    capture = _Capture()
+    capture = _flax_trace.Capture()
 
     def wrap(fn, name):
         @functools.wraps(fn)
@@ -645,11 +345,9 @@ def nnx_layer_table(
             path = getattr(self, _PATH_ATTR, None)
             if path is None:
                 return fn(self, *args, **kwargs)
-            capture.begin(path, name, self, _einsum_equation(self, name, args, kwargs))
-            try:
-                return fn(self, *args, **kwargs)
-            finally:
-                capture.end(path, name, _nnx_own_shapes(self))
+            return capture.record(
+                path, name, self, args, kwargs, lambda: fn(self, *args, **kwargs), _nnx_own_shapes
+            )
 
         return wrapper
 
@@ -672,19 +370,10 @@ def nnx_layer_table(
             else:
                 delattr(cls, name)
 
-    params = nnx.state(model, wrt)
-    specs = _layers.collect_leaves(
-        params, stack_axes=stack_axes, stack_names=stack_names, collection=None
+    rows = _labeler.collect_leaves(
+        nnx.state(model, wrt), stack_axes=stack_axes, stack_names=stack_names, collection=None
     )
-    # LoRA adapters with an explicit base module belong to its layer.
-    for s in specs:
-        owner = modules.get(_layers.parent_path(s.path))
-        base = getattr(owner, "base_module", None) if owner is not None else None
-        if s.path.rsplit("/", 1)[-1].lower() in _layers.LORA_LEAVES and base is not None:
-            s.layer = getattr(base, _PATH_ATTR, s.layer)
-    _refine(specs, modules, capture.inner, stack_axes, fan_fn, capture.equations)
-    order, uses = _order_and_uses(capture.events, specs)
-    aliases = _nnx_aliases(model, [s.path for s in specs])
+    rows = [_lora_layer(r, modules) for r in rows]
     graphdef, params_state, rest = nnx.split(clone, wrt, ...)
 
     def apply_fn(p, c, d):
@@ -699,27 +388,30 @@ def nnx_layer_table(
         args, kwargs = rebuild(d)
         return getattr(m, method)(*args, **kwargs), nnx.state(m, nnx.Not(wrt))
 
-    unused = _unused_paths(outputs_fn, params_state, rest, [dyn])
-    levels = None
-    if depth == "dataflow":
-        apps = _layers.dataflow_levels(
-            apply_fn,
-            params_state,
-            rest,
-            [dyn],
-            {s.path: s.layer for s in specs},
-            {s.path: s.stack_axis is not None for s in specs},
-        )
-        levels, uses = _levels_and_uses(apps)
-    return _layers.assemble(
-        specs,
-        order=order,
-        levels=levels,
+    return _flax_trace.table_from_trace(
+        rows,
+        capture,
+        modules,
+        apply_fn=apply_fn,
+        outputs_fn=outputs_fn,
+        params=params_state,
+        consts=rest,
+        inputs=dyn,
+        depth=depth,
         depths=depths,
-        uses=uses,
-        aliases=aliases,
-        unused=unused,
+        stack_axes=stack_axes,
+        fan_fn=fan_fn,
+        aliases=_nnx_aliases(model, [r.path for r in rows]),
     )
+
+
+def _lora_layer(row: LayerInfo, modules: Mapping[str, Any]) -> LayerInfo:
+    """LoRA adapters with an explicit base module belong to its layer."""
+    owner = modules.get(_labeler.parent_path(row.path))
+    base = getattr(owner, "base_module", None) if owner is not None else None
+    if row.leaf_name.lower() not in _labeler.LORA_LEAVES or base is None:
+        return row
+    return dataclasses.replace(row, layer=getattr(base, _PATH_ATTR, row.layer))
 
 
 def _nnx_aliases(model: nnx.Module, paths: Sequence[str]) -> dict[str, tuple[str, ...]]:

@@ -23,6 +23,7 @@ import re
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -315,29 +316,15 @@ def inner_state(state: Any, family: str) -> Any:
     return found[0]
 
 
-def assert_trees_equal(a: Any, b: Any, err_msg: str = "") -> None:
-    """Same structure and bitwise-equal leaves (dtype included)."""
-    fa, ta = jax.tree_util.tree_flatten(a)
-    fb, tb = jax.tree_util.tree_flatten(b)
-    assert ta == tb, f"{err_msg}\n{ta}\n!=\n{tb}"
-    for x, y in zip(fa, fb):
-        x, y = np.asarray(x), np.asarray(y)
-        assert x.dtype == y.dtype, f"{err_msg}: dtype {x.dtype} != {y.dtype}"
-        np.testing.assert_array_equal(x, y, err_msg=err_msg)
+def assert_trees_equal(a: Any, b: Any, custom_message: str | None = None) -> None:
+    """Same structure, dtypes and bits.
 
-
-def assert_trees_close(
-    a: Any, b: Any, rtol: float = 1e-6, atol: float = 0.0, err_msg: str = ""
-) -> None:
-    """Same structure and leaves close to a tolerance (compared in float64)."""
-    fa, ta = jax.tree_util.tree_flatten(a)
-    fb, tb = jax.tree_util.tree_flatten(b)
-    assert ta == tb, f"{err_msg}\n{ta}\n!=\n{tb}"
-    for x, y in zip(fa, fb):
-        np.testing.assert_allclose(
-            np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=rtol, atol=atol,
-            err_msg=err_msg,
-        )
+    ``chex.assert_trees_all_equal(strict=True)`` compares bfloat16 leaves as
+    float32, so it would pass a bfloat16 leaf against a float32 one of the same
+    values: the dtypes are asserted on their own.
+    """
+    chex.assert_trees_all_equal_dtypes(a, b, custom_message=custom_message)
+    chex.assert_trees_all_equal(a, b, strict=True, custom_message=custom_message)
 
 
 def dtypes(tree: Any) -> Any:

@@ -2,7 +2,8 @@
 
 Written from the specs (``docs/caadam.md`` §1-§4 and §6, ``docs/set_adam.md`` §2-§3,
 ``docs/exadam.md`` §2) and from the layer rules documented in the docstrings of
-``adaptive_moments/_layers.py`` and ``adaptive_moments/_scaling.py``, *not* from
+``adaptive_moments/_labeler.py``, ``adaptive_moments/_depth.py`` and
+``adaptive_moments/_caadam_scales.py``, *not* from
 the package's JAX code: plain loops over an ordered list of ``(path, array)``
 pairs, one statement per line of the specs' pseudo-code, host float64 scalars.
 
@@ -122,7 +123,7 @@ def layer_units(vars_: Sequence[Var]) -> list[tuple[str, int]]:
 
 
 # ---------------------------------------------------------------------------
-# CaAdam's S (docs/caadam.md §2-§4, _scaling.py docstring)
+# CaAdam's S (docs/caadam.md §2-§4, _caadam_scales.py docstring)
 
 
 @dataclasses.dataclass

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import adaptive_moments as am
-from adaptive_moments import _scaling
+from adaptive_moments import _caadam_scales
 
 try:
     import reference_numpy as ref
@@ -235,7 +235,7 @@ def test_paper_table(row: tuple):
     assert (st.c_min, st.median, st.c_max) == (c_min, med, c_max)
     assert {float(st.conn[p][0]) for p in kernels} == {c_used}
     assert {float(st.conn[p][0]) for p in one_d} == {0.0}
-    ours = _scaling.UnitData(table, "reference")
+    ours = _caadam_scales.UnitData(table.rows, "reference")
     assert (ours.c_min, ours.median, ours.c_max) == (c_min, med, c_max)
     assert {float(ours.conn[p][0]) for p in kernels} == {c_used}
     assert {float(ours.conn[p][0]) for p in one_d} == {0.0}
@@ -418,7 +418,7 @@ def test_layer_sums_its_2d_parameters():
     st = ref.ca_structure(ref.make_vars(var_list), "layer")
     assert st.conn["lstm/kernel"][0] == st.conn["lstm/bias"][0] == 40.0
     assert (st.c_min, st.median, st.c_max) == (5.0, 10.0, 40.0)
-    ours = _scaling.UnitData(keras_table(var_list), "layer")
+    ours = _caadam_scales.UnitData(keras_table(var_list).rows, "layer")
     assert (ours.c_min, ours.median, ours.c_max) == (5.0, 10.0, 40.0)
     s = flat_scales(var_list, "additive", "layer")
     np.testing.assert_allclose(

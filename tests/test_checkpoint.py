@@ -63,12 +63,12 @@ def test_state_round_trips_and_training_resumes_bitwise(
         restored = checkpointer.restore(path, abstract)
 
     # same tree (NamedTuple states included), same dtypes, same bits
-    _suite.assert_trees_equal(restored, saved, f"{name}: restored != saved")
+    _suite.assert_trees_equal(restored, saved, custom_message=f"{name}: restored != saved")
     inner = _suite.inner_state(restored[1], entry.family)
     assert inner.count.dtype == jnp.int32 and int(inner.count) == N_BEFORE
     if overrides.get("amsgrad"):
         assert jax.tree.structure(inner.nu_max) == jax.tree.structure(problem.init)
     resumed = train(*restored, N_AFTER)
-    _suite.assert_trees_equal(resumed, expected, f"{name}: resumed run differs")
+    _suite.assert_trees_equal(resumed, expected, custom_message=f"{name}: resumed run differs")
     moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), expected[0], saved[0])
     assert all(jax.tree.leaves(moved))  # the last N_AFTER steps changed every leaf

@@ -28,6 +28,7 @@ import functools
 import inspect
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -193,7 +194,7 @@ def test_extra_args_and_chain(entry: Entry, wrapper: dict[str, Any]) -> None:
         assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(u))
     # inside optax.chain the member gives the same updates and state
     (u, s), (cu, cs) = out["alone"][0], out["chained"][0]
-    _suite.assert_trees_equal((cu, cs[1]), (u, s), entry.name)
+    _suite.assert_trees_equal((cu, cs[1]), (u, s), custom_message=entry.name)
 
 
 # ---------------------------------------------------------------------------
@@ -208,9 +209,9 @@ def test_inject_hyperparams(entry: Entry, wrapper: dict[str, Any]) -> None:
     }
     for (u, state), (iu, istate) in zip(out["alone"], out["injected"]):
         assert numeric and numeric <= set(istate.hyperparams), (numeric, set(istate.hyperparams))
-        _suite.assert_trees_close(iu, u, rtol=1e-5, atol=1e-7, err_msg=entry.name)
-        _suite.assert_trees_close(
-            istate.inner_state, state, rtol=1e-5, atol=1e-7, err_msg=entry.name
+        chex.assert_trees_all_close(iu, u, rtol=1e-5, atol=1e-7, custom_message=entry.name)
+        chex.assert_trees_all_close(
+            istate.inner_state, state, rtol=1e-5, atol=1e-7, custom_message=entry.name
         )
 
 
@@ -250,14 +251,16 @@ def test_multi_steps_bf16_and_f32(entry: Entry) -> None:
     for d, ((u, state), (plain_u, plain_s)) in res.items():
         zeros = jax.tree.map(jnp.zeros_like, trees[d])
         for mini in emitted[d]:  # mini-steps emit exact zeros in the param dtype
-            _suite.assert_trees_equal(mini, zeros, f"{entry.name} {d}")
+            _suite.assert_trees_equal(mini, zeros, custom_message=f"{entry.name} {d}")
         # four identical gradients average to themselves: the emitted update
         # is the plain optimizer's first one and the inner state moved once.
         rtol = 1e-2 if d == "bfloat16" else 1e-6
-        _suite.assert_trees_close(u, plain_u, rtol=rtol, atol=1e-6, err_msg=f"{entry.name} {d}")
+        chex.assert_trees_all_close(
+            u, plain_u, rtol=rtol, atol=1e-6, custom_message=f"{entry.name} {d}"
+        )
         assert _suite.dtypes(u) == _suite.dtypes(trees[d])
         assert int(_suite.inner_state(state.inner_opt_state, entry.family).count) == 1
-        _suite.assert_trees_close(state.inner_opt_state, plain_s, rtol=rtol, atol=1e-6)
+        chex.assert_trees_all_close(state.inner_opt_state, plain_s, rtol=rtol, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------
@@ -269,12 +272,18 @@ def test_apply_if_finite(entry: Entry, wrapper: dict[str, Any]) -> None:
     (_, s1), (u2, s2), (u3, s3) = out["finite"]
     assert bool(s1.last_finite)
     assert not bool(s2.last_finite) and int(s2.notfinite_count) == 1
-    _suite.assert_trees_equal(u2, jax.tree.map(jnp.zeros_like, out["params"]), entry.name)
-    _suite.assert_trees_equal(s2.inner_state, s1.inner_state, entry.name)  # untouched
+    _suite.assert_trees_equal(
+        u2, jax.tree.map(jnp.zeros_like, out["params"]), custom_message=entry.name
+    )
+    _suite.assert_trees_equal(  # untouched
+        s2.inner_state, s1.inner_state, custom_message=entry.name
+    )
     assert bool(s3.last_finite) and int(s3.notfinite_count) == 0
     # the finite step after the rejected one is the plain optimizer's 2nd step
-    _suite.assert_trees_close(u3, out["alone"][1][0], rtol=1e-6, atol=1e-9, err_msg=entry.name)
-    _suite.assert_trees_close(s3.inner_state, out["alone"][1][1], rtol=1e-6, atol=1e-9)
+    chex.assert_trees_all_close(
+        u3, out["alone"][1][0], rtol=1e-6, atol=1e-9, custom_message=entry.name
+    )
+    chex.assert_trees_all_close(s3.inner_state, out["alone"][1][1], rtol=1e-6, atol=1e-9)
 
 
 # ---------------------------------------------------------------------------
@@ -286,19 +295,22 @@ def test_masked_and_partition(entry: Entry, wrapper: dict[str, Any]) -> None:
     grads = out["grads"]
     masked_u, masked_s = out["masked"][1]  # second step: past bias correction's t=1
     # masked leaves pass through untouched; the inner state holds MaskedNode there
-    _suite.assert_trees_equal(_hidden(masked_u), _hidden(grads), entry.name)
+    _suite.assert_trees_equal(_hidden(masked_u), _hidden(grads), custom_message=entry.name)
     inner = _suite.inner_state(masked_s.inner_state, entry.family)
     assert isinstance(inner.mu["Dense_0"]["kernel"], optax.MaskedNode)
     assert isinstance(inner.nu["Dense_2"]["bias"], optax.MaskedNode)
     # partition: the sgd label gets -0.5 g, the other label the masked result
     parted = out["parted"][0][0]
-    _suite.assert_trees_close(_hidden(parted), jax.tree.map(lambda g: -0.5 * g, _hidden(grads)))
-    _suite.assert_trees_equal(_visible(parted), _visible(out["masked"][0][0]), entry.name)
+    chex.assert_trees_all_close(_hidden(parted), jax.tree.map(lambda g: -0.5 * g, _hidden(grads)))
+    _suite.assert_trees_equal(
+        _visible(parted), _visible(out["masked"][0][0]), custom_message=entry.name
+    )
 
     # layers=None (or a callable): the statistics come from the visible
     # leaves only, i.e. exactly what the transformation does on that subtree.
-    _suite.assert_trees_close(
-        _visible(masked_u), out["visible_alone"][1][0], rtol=1e-6, atol=1e-9, err_msg=entry.name
+    chex.assert_trees_all_close(
+        _visible(masked_u), out["visible_alone"][1][0],
+        rtol=1e-6, atol=1e-9, custom_message=entry.name
     )
     full = _visible(out["alone"][1][0])
     if entry.family == "caadam":
@@ -308,13 +320,14 @@ def test_masked_and_partition(entry: Entry, wrapper: dict[str, Any]) -> None:
     else:
         # SET-Adam reduces per tensor and EXAdam is elementwise: masking
         # other leaves never changes a visible leaf's update.
-        _suite.assert_trees_close(_visible(masked_u), full, rtol=1e-6, atol=1e-9)
+        chex.assert_trees_all_close(_visible(masked_u), full, rtol=1e-6, atol=1e-9)
 
     # An explicit full table fixes the statistics: S of a visible leaf does
     # not depend on what is masked (CaAdam), nor does the update (SET-Adam).
     masked_table = _visible(out["masked_table"][0][0])
-    _suite.assert_trees_close(
-        masked_table, _visible(out["full_table"][0][0]), rtol=1e-6, atol=1e-9, err_msg=entry.name
+    chex.assert_trees_all_close(
+        masked_table, _visible(out["full_table"][0][0]),
+        rtol=1e-6, atol=1e-9, custom_message=entry.name
     )
     if entry.factory is am.scale_by_connection_aware and not (
         entry.kwargs.get("amsgrad") or entry.kwargs.get("eps_placement") == "keras"
@@ -328,8 +341,8 @@ def test_masked_and_partition(entry: Entry, wrapper: dict[str, Any]) -> None:
               if k in entry.kwargs}
         scales = am.caadam_scales(params, layers=out["table"], **kw)
         expected = jax.tree.map(lambda s, u: jnp.float32(s) * u, scales, adam_u)
-        _suite.assert_trees_close(
-            masked_table, _visible(expected), rtol=1e-5, atol=1e-7, err_msg=entry.name
+        chex.assert_trees_all_close(
+            masked_table, _visible(expected), rtol=1e-5, atol=1e-7, custom_message=entry.name
         )
 
 
@@ -364,10 +377,10 @@ def test_none_leaves(entry: Entry, wrapper: dict[str, Any]) -> None:
     inner = _suite.inner_state(state, entry.family)
     assert inner.mu["frozen"] is None and inner.nu["Dense_1"]["bias"] is None
     # the other leaves are updated as if the None entries did not exist
-    _suite.assert_trees_close(
-        _without_none(updates), ref_u, rtol=1e-6, atol=1e-9, err_msg=entry.name
+    chex.assert_trees_all_close(
+        _without_none(updates), ref_u, rtol=1e-6, atol=1e-9, custom_message=entry.name
     )
-    _suite.assert_trees_close(
+    chex.assert_trees_all_close(
         _without_none(inner.mu), _suite.inner_state(ref_s, entry.family).mu, rtol=1e-6
     )
 
@@ -436,7 +449,7 @@ def test_constant_schedule_equals_float_lr(entry: Entry, wrapper: dict[str, Any]
     if not entry.is_alias:  # the transformation's direction, times -lr
         u = jax.tree.map(lambda x: -jnp.float32(entry.lr) * x, u)
     assert max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(u)) > 1e-4
-    _suite.assert_trees_close(out["schedule"][0][0], u, rtol=1e-6, err_msg=entry.name)
+    chex.assert_trees_all_close(out["schedule"][0][0], u, rtol=1e-6, custom_message=entry.name)
 
 
 # ---------------------------------------------------------------------------
@@ -486,7 +499,7 @@ def test_flatten(entry: Entry) -> None:
         u, ref_u = _suite.jit(
             lambda g, p: (_steps(flat, [g, g], p)[1][0], _steps(tx, [g, g], p)[1][0])
         )(grads, params)
-        _suite.assert_trees_close(u, ref_u, rtol=1e-6, atol=1e-9, err_msg=entry.name)
+        chex.assert_trees_all_close(u, ref_u, rtol=1e-6, atol=1e-9, custom_message=entry.name)
 
 
 # ---------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import pytest
 from flax import nnx
 
 import adaptive_moments as am
-from adaptive_moments import _scaling
+from adaptive_moments import _caadam_scales
 
 TOKENS = jax.ShapeDtypeStruct((2, 5), jnp.int32)
 
@@ -35,6 +35,12 @@ def s_mul(c: float, counts: list[float], gamma: float = 5.0) -> float:
 
 def s_depth(d: int, d_m: int, gamma: float = 1.0) -> float:
     return (1 + gamma) ** ((d_m - (1 + d)) / d_m)
+
+
+def scales(table: am.LayerTable, strategy: str, **kwargs) -> dict:
+    """CaAdam's S per parameter path, through ``am.caadam_scales`` on the table."""
+    tree = {r.path: jax.ShapeDtypeStruct(r.shape, jnp.float32) for r in table.rows}
+    return am.caadam_scales(tree, strategy, layers=table, **kwargs)
 
 
 def layer_depths(table: am.LayerTable) -> dict[str, tuple[int, ...]]:
@@ -173,11 +179,11 @@ def test_linen_mlp_depths_fans_and_s():
         (4, 16, 64), (16, 8, 128), (8, 1, 8)]
     assert [r.module for r in table.rows] == ["Dense"] * 6
     counts = [64, 128, 8]
-    s = _scaling.scale_factors(table, "multiplicative")
+    s = scales(table, "multiplicative")
     for i, c in enumerate(counts):
         for leaf in ("kernel", "bias"):  # a layer shares its S
             np.testing.assert_allclose(s[f"Dense_{i}/{leaf}"], s_mul(c, counts), rtol=1e-12)
-    sd = _scaling.scale_factors(table, "depth")
+    sd = scales(table, "depth")
     np.testing.assert_allclose(sd["Dense_1/bias"], s_depth(1, 3), rtol=1e-12)
 
 
@@ -215,7 +221,7 @@ def test_linen_cnn_with_batchnorm():
     assert set(variables) == {"params", "batch_stats"}
     assert set(am.layer_table(variables)) == set(table)
     counts = [216, 1152, 160]
-    s = _scaling.scale_factors(table, "multiplicative")
+    s = scales(table, "multiplicative")
     np.testing.assert_allclose(s["Conv_0/bias"], s_mul(216, counts), rtol=1e-12)
     np.testing.assert_allclose(s["BatchNorm_0/scale"], 1.0)  # no connections
 
@@ -225,7 +231,7 @@ def test_linen_resnet20_reproduces_the_reference_structure():
     table = am.flax.linen_layer_table(LinenResNet20(), x)
     # docs/caadam.md §2: 86 variables, c_min / median / c_max 432 / 6912 / 36864.
     assert len(table) == 86
-    units = _scaling.UnitData(table, "reference")
+    units = _caadam_scales.UnitData(table.rows, "reference")
     assert (units.c_min, units.median, units.c_max) == (432, 6912, 36864)
     # Keras' variable order: conv kernel, conv bias, BN gamma, BN beta, ...
     assert [r.leaf_name for r in table.rows[:4]] == ["kernel", "bias", "scale", "bias"]
@@ -234,17 +240,17 @@ def test_linen_resnet20_reproduces_the_reference_structure():
     vectors = [r.path for r in table.rows if len(r.shape) <= 1]
     for strategy, k_value, v_value in (("multiplicative", 4.7483, 5.5663),
                                        ("additive", 1.9195, 2.0133)):
-        s = _scaling.scale_factors(table, strategy, structure="reference")
-        np.testing.assert_allclose([float(s[p][0]) for p in kernels], k_value, atol=5e-5)
-        np.testing.assert_allclose([float(s[p][0]) for p in vectors], v_value, atol=5e-5)
-    sd = _scaling.scale_factors(table, "depth", structure="reference")
-    ramp = [float(sd[r.path][0]) for r in table.rows]
+        s = scales(table, strategy, structure="reference")
+        np.testing.assert_allclose([float(s[p]) for p in kernels], k_value, atol=5e-5)
+        np.testing.assert_allclose([float(s[p]) for p in vectors], v_value, atol=5e-5)
+    sd = scales(table, "depth", structure="reference")
+    ramp = [float(sd[r.path]) for r in table.rows]
     assert round(ramp[0], 3) == 1.984 and ramp[-1] == 1.0
     assert all(a > b for a, b in zip(ramp, ramp[1:]))
     # The robust "layer" structure: each conv its own count (prod of its kernel).
     layer_counts = [math.prod(r.shape) for r in table.rows if len(r.shape) > 1]
     assert sorted(layer_counts)[:3] == [432, 512, 640] and np.median(layer_counts) == 6912
-    s = _scaling.scale_factors(table, "multiplicative")
+    s = scales(table, "multiplicative")
     for r in table.rows:
         if len(r.shape) > 1:
             np.testing.assert_allclose(s[r.path], s_mul(math.prod(r.shape), layer_counts))
@@ -537,11 +543,11 @@ def test_nnx_resnet20_matches_the_linen_structure():
     assert len(table) == 86
     assert [r.shape for r in table.rows] == [r.shape for r in linen.rows]
     assert [r.depth for r in table.rows] == [r.depth for r in linen.rows]
-    units = _scaling.UnitData(table, "reference")
+    units = _caadam_scales.UnitData(table.rows, "reference")
     assert (units.c_min, units.median, units.c_max) == (432, 6912, 36864)
-    s = _scaling.scale_factors(table, "multiplicative", structure="reference")
-    np.testing.assert_allclose(float(s["blocks/3/proj/kernel"][0]), 4.7483, atol=5e-5)
-    np.testing.assert_allclose(float(s["blocks/3/proj_bn/scale"][0]), 5.5663, atol=5e-5)
+    s = scales(table, "multiplicative", structure="reference")
+    np.testing.assert_allclose(float(s["blocks/3/proj/kernel"]), 4.7483, atol=5e-5)
+    np.testing.assert_allclose(float(s["blocks/3/proj_bn/scale"]), 5.5663, atol=5e-5)
 
 
 def test_nnx_transformer_shared_embedding_and_dataflow():
@@ -565,7 +571,7 @@ def test_nnx_transformer_shared_embedding_and_dataflow():
     assert flow["embed/embedding"].uses == 2
     # Layer structure: counts 88 (embedding once), 4 x 64, 128, 128.
     counts = [88, 64, 64, 64, 64, 128, 128]
-    s = _scaling.scale_factors(flow, "multiplicative")
+    s = scales(flow, "multiplicative")
     np.testing.assert_allclose(s["embed/embedding"], s_mul(88, counts), rtol=1e-12)
     np.testing.assert_allclose(s["a_down/bias"], s_mul(128, counts), rtol=1e-12)
 
@@ -687,7 +693,7 @@ def test_linen_einsum_fans_come_from_the_equation():
     assert {k: v[0] for k, v in layer_depths(table).items()} == {
         "proj": 0, "per_head": 1, "vec": 2}
     # The multiplicative S uses these counts (60, 90, 6).
-    s = _scaling.scale_factors(table, "multiplicative")
+    s = scales(table, "multiplicative")
     np.testing.assert_allclose(s["per_head/kernel"], s_mul(90, [60, 90, 6]), rtol=1e-12)
 
 
@@ -759,7 +765,7 @@ def check_unused(table: am.LayerTable, unused: list[str]) -> None:
     assert [p for p, d in shown.items() if d == "unused"] == unused
     # CaAdam's depth strategy: the real layers' S as without the unused
     # parameters (d_m = 2), and S = 1 for the unused ones.
-    s = _scaling.scale_factors(table, "depth")
+    s = scales(table, "depth")
     np.testing.assert_allclose(s["a/kernel"], s_depth(0, 2), rtol=1e-12)
     np.testing.assert_allclose(s["b/bias"], s_depth(1, 2), rtol=1e-12)
     for path in unused:

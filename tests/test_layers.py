@@ -7,6 +7,10 @@ evaluated independently in :func:`s_mul` / :func:`s_depth`.
 
 from __future__ import annotations
 
+import ast
+import graphlib
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -254,3 +258,71 @@ def test_set_adam_reduces_a_stacked_leaf_per_slice():
             np.testing.assert_allclose(u1["layers"]["kernel"][i], u2[f"s{i}"], rtol=1e-6)
     # Reducing the whole leaf as one layer is a different algorithm.
     assert not np.allclose(u3["layers"]["kernel"], u1["layers"]["kernel"], rtol=1e-3)
+
+
+# ---------------------------------------------------------------------------
+# package layout: one concept per module, imports only downwards
+
+PACKAGE_DIR = pathlib.Path(am.__file__).parent
+MAX_MODULE_LINES = 500
+
+
+def _module_name(path: pathlib.Path) -> str:
+    parts = path.relative_to(PACKAGE_DIR.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _package_imports() -> dict[str, set[str]]:
+    """Module -> the package modules it imports (anywhere in its body)."""
+    files = {_module_name(p): p for p in PACKAGE_DIR.rglob("*.py")}
+
+    def target(name: str) -> str:
+        # `from pkg import name`: a module when one has that name, else the package.
+        return name if name in files else name.rpartition(".")[0]
+
+    graph: dict[str, set[str]] = {}
+    for module, path in files.items():
+        package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        edges: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                edges |= {a.name for a in node.names if a.name.startswith(am.__name__ + ".")}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: resolve against this module's package
+                    anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(anchor + ([base] if base else []))
+                if base == am.__name__ or base.startswith(am.__name__ + "."):
+                    edges |= {target(f"{base}.{a.name}") for a in node.names}
+        graph[module] = {e for e in edges if e in files and e != module}
+    return graph
+
+
+def _assert_acyclic(graph: dict[str, set[str]]) -> None:
+    try:
+        list(graphlib.TopologicalSorter(graph).static_order())
+    except graphlib.CycleError as err:
+        pytest.fail(f"import cycle: {' -> '.join(err.args[1])}")
+
+
+def test_library_import_graph_has_no_cycle():
+    graph = _package_imports()
+    assert "adaptive_moments._table" in graph["adaptive_moments._labeler"]  # parsed
+    experiments = f"{am.__name__}.experiments"
+    library = {m: e for m, e in graph.items() if not m.startswith(experiments)}
+    _assert_acyclic(library)
+    # No library module imports the package itself or the experiments (upward).
+    upward = {m for m in graph if m == am.__name__ or m.startswith(experiments)}
+    assert not [m for m, e in library.items() if m != am.__name__ and e & upward]
+
+
+def test_experiments_import_graph_has_no_cycle():
+    graph = _package_imports()
+    assert any(e for m, e in graph.items() if m.startswith(f"{am.__name__}.experiments."))
+    _assert_acyclic(graph)
+
+
+def test_library_modules_stay_short():
+    lengths = {p.name: len(p.read_text().splitlines()) for p in PACKAGE_DIR.glob("*.py")}
+    assert "flax.py" in lengths
+    assert {n: k for n, k in lengths.items() if k > MAX_MODULE_LINES} == {}

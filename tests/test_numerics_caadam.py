@@ -9,6 +9,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -227,24 +228,18 @@ def x64_runs() -> dict[str, dict[str, Any]]:
         return ref.jax_trajectories(runs, _params(), _grads())
 
 
-def _assert_close(got: Mapping[str, np.ndarray], want: Mapping[str, np.ndarray], **tol: float):
-    assert set(got) == set(want)
-    for k in want:
-        np.testing.assert_allclose(got[k], want[k], err_msg=k, **tol)
-
-
 @pytest.mark.parametrize("name,kw", CASES, ids=[c[0] for c in CASES])
 def test_trajectory_x64(x64_runs: dict[str, Any], name: str, kw: dict[str, Any]):
     want = _ref_run(kw, _params(), _grads())
     got = x64_runs[name]
     assert all(dt == jnp.float64 for dt in got["update_dtypes"] + got["state_dtypes"])
-    _assert_close(got["traj"], want, atol=1e-12, rtol=1e-10)
+    chex.assert_trees_all_close(got["traj"], want, atol=1e-12, rtol=1e-10)
 
 
 @pytest.mark.parametrize("name,kw", KERAS_CASES, ids=[c[0] for c in KERAS_CASES])
 def test_keras_preset_trajectory_x64(x64_runs: dict[str, Any], name: str, kw: dict[str, Any]):
     want = _ref_keras_run(kw, _params(), _grads())
-    _assert_close(x64_runs[name]["traj"], want, atol=1e-12, rtol=1e-10)
+    chex.assert_trees_all_close(x64_runs[name]["traj"], want, atol=1e-12, rtol=1e-10)
 
 
 def test_options_are_not_no_ops():
@@ -353,12 +348,14 @@ def test_trajectory_float32(low_precision_runs: dict[str, Any], name: str, kw: d
     assert all(dt == jnp.float32 for dt in got["update_dtypes"])
     # docs/caadam.md §8: float32 vs the float64 reference stays within ~4e-6 over
     # 50 steps at S ~ 5; parameters here are of order 1.
-    _assert_close(got["traj"], want, atol=5e-6, rtol=1e-5)
+    chex.assert_trees_all_close(got["traj"], want, atol=5e-6, rtol=1e-5)
 
 
 def test_keras_preset_float32(low_precision_runs: dict[str, Any]):
     want = _ref_keras_run(KERAS_CASES[1][1], _params(), _grads())
-    _assert_close(low_precision_runs["keras_f32"]["traj"], want, atol=5e-6, rtol=1e-5)
+    chex.assert_trees_all_close(
+        low_precision_runs["keras_f32"]["traj"], want, atol=5e-6, rtol=1e-5
+    )
 
 
 def test_bfloat16_updates_track_float32(low_precision_runs: dict[str, Any]):

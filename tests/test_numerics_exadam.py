@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -208,8 +209,7 @@ def test_trajectory_x64(x64_runs: dict[str, Any], name: str, kw: dict[str, Any])
     want = _ref_run(kw, _params(), _grads())
     got = x64_runs[name]
     assert all(dt == jnp.float64 for dt in got["update_dtypes"] + got["state_dtypes"])
-    for k in want:
-        np.testing.assert_allclose(got["traj"][k], want[k], atol=1e-12, rtol=1e-10, err_msg=k)
+    chex.assert_trees_all_close(got["traj"], want, atol=1e-12, rtol=1e-10)
 
 
 def test_versions_and_decay_modes_differ():
@@ -231,8 +231,7 @@ def test_trajectory_float32(low_precision_runs: dict[str, Any], name: str, kw: d
     assert all(dt == jnp.float32 for dt in got["update_dtypes"])
     # docs/exadam.md §6: float32 torch vs the float64 reference drifts ~1e-6 per
     # 60 steps at lr 1e-2 for parameters of order 1 (roundings of theta).
-    for k in want:
-        np.testing.assert_allclose(got["traj"][k], want[k], atol=5e-6, rtol=1e-5, err_msg=k)
+    chex.assert_trees_all_close(got["traj"], want, atol=5e-6, rtol=1e-5)
 
 
 def test_bfloat16_updates_track_float32(low_precision_runs: dict[str, Any]):

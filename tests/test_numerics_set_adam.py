@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,14 +20,6 @@ try:
     import reference_numpy as ref
 except ImportError:  # tests/ imported as a package
     from tests import reference_numpy as ref
-
-
-def assert_trajectories_close(
-    got: Mapping[str, np.ndarray], want: Mapping[str, np.ndarray], atol: float, rtol: float
-) -> None:
-    assert set(got) == set(want)
-    for k in want:
-        np.testing.assert_allclose(got[k], want[k], atol=atol, rtol=rtol, err_msg=k)
 
 
 # ---------------------------------------------------------------------------
@@ -212,7 +205,7 @@ def low_precision_runs() -> dict[str, dict[str, Any]]:
 def test_trajectory_x64(x64_runs: dict[str, Any], name: str, kw: dict[str, Any]):
     want = _ref_run(kw, _params(), _grads())
     assert all(dt == jnp.float64 for dt in x64_runs[name]["update_dtypes"])
-    assert_trajectories_close(x64_runs[name]["traj"], want, atol=1e-12, rtol=1e-10)
+    chex.assert_trees_all_close(x64_runs[name]["traj"], want, atol=1e-12, rtol=1e-10)
 
 
 def test_stacked_leaf_is_reduced_per_slice(x64_runs: dict[str, Any]):
@@ -222,7 +215,7 @@ def test_stacked_leaf_is_reduced_per_slice(x64_runs: dict[str, Any]):
     whole = ref.set_adam_run(list(params.items()), grads)
     for k in STACK_AXES:
         assert np.max(np.abs(per_slice[k] - whole[k])) > 1e-4, k
-    assert_trajectories_close(x64_runs["no_table"]["traj"], whole, atol=1e-12, rtol=1e-10)
+    chex.assert_trees_all_close(x64_runs["no_table"]["traj"], whole, atol=1e-12, rtol=1e-10)
 
 
 F32_CASES = [CASES[0], CASES[4]]
@@ -234,7 +227,7 @@ def test_trajectory_float32(low_precision_runs: dict[str, Any], name: str, kw: d
     assert all(dt == jnp.float32 for dt in low_precision_runs[name]["update_dtypes"])
     # Parameters of order 1 in float32: each step rounds to ~6e-8; the moments
     # and the per-layer sums add ~1e-7 relative errors to each update.
-    assert_trajectories_close(low_precision_runs[name]["traj"], want, atol=5e-6, rtol=1e-5)
+    chex.assert_trees_all_close(low_precision_runs[name]["traj"], want, atol=5e-6, rtol=1e-5)
 
 
 def _bf16_inputs() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:

@@ -22,6 +22,7 @@ alias can reach ("Optimizer doesn't accept a learning schedule") reads the
 import importlib.util
 import inspect
 import math
+import re
 import typing
 from unittest import mock
 
@@ -179,3 +180,35 @@ def test_public_annotations_are_objects():
             annotations["return"] = sig.return_annotation
         strings = {k: v for k, v in annotations.items() if isinstance(v, str)}
         assert not strings, (name, strings)
+
+
+# Each transformation and its alias (or aliases), as optax pairs them.
+_FAMILIES = {
+    am.scale_by_connection_aware: (am.caadam, am.caadam_keras),
+    am.scale_by_set_adam: (am.set_adam,),
+    am.scale_by_exadam: (am.exadam,),
+}
+
+
+def _documented_args(fn) -> list[str]:
+    """The argument names of the ``Args:`` section of ``fn``'s docstring."""
+    doc = inspect.getdoc(fn) or ""
+    section = re.search(r"^Args:\n((?:(?:  .*)?\n)*)", doc + "\n", re.MULTILINE)
+    assert section, f"{fn.__name__} has no Args section"
+    return re.findall(r"^  (\w+):", section.group(1), re.MULTILINE)
+
+
+def _seealso(fn) -> str:
+    doc = inspect.getdoc(fn) or ""
+    return doc[doc.index(".. seealso::") :]
+
+
+def test_optimizer_docstrings_describe_every_argument():
+    """``help()`` on a transformation or an alias shows every argument, in
+    signature order, and each points to the other with ``.. seealso::``."""
+    for transform, aliases in _FAMILIES.items():
+        for fn in (transform, *aliases):
+            assert _documented_args(fn) == list(inspect.signature(fn).parameters), fn.__name__
+        for alias in aliases:
+            assert f"adaptive_moments.{transform.__name__}`" in _seealso(alias), alias.__name__
+            assert f"adaptive_moments.{alias.__name__}`" in _seealso(transform), alias.__name__

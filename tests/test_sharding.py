@@ -30,6 +30,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -68,6 +69,11 @@ def _nest(flat: dict) -> dict:
             node = node.setdefault(part, {})
         node[last] = value
     return out
+
+
+def _by_path(tree) -> dict:
+    """Leaves keyed by their normalised path (``am.normalize_path``)."""
+    return {am.normalize_path(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def make_mesh() -> jax.sharding.Mesh:
@@ -127,11 +133,12 @@ def _moments_state(state):
 
 def _assert_close(a, b):
     """Eager vs jitted results: rounding-level agreement (bf16 leaves: 1 ulp)."""
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+
+    def leaf(x, y):
         rtol = 1e-2 if x.dtype == jnp.bfloat16 else 1e-5
-        np.testing.assert_allclose(
-            np.asarray(x, np.float32), np.asarray(y, np.float32), rtol=rtol, atol=1e-8
-        )
+        chex.assert_trees_all_close(x, y, rtol=rtol, atol=1e-8)
+
+    jax.tree.map(leaf, a, b)
 
 
 def types(tree):
@@ -297,9 +304,9 @@ def test_shard_map_axis_name_gives_global_layers(axis_form):
             am.scale_by_set_adam(layers=table, axis_name=axis_name), grads_seq, mesh
         )
         local = _set_adam_steps(am.scale_by_set_adam(layers=table), grads_seq, mesh)
-    flat_ref = dict(am._paths.leaves_with_paths(reference))
-    flat_axes = dict(am._paths.leaves_with_paths(with_axes))
-    flat_local = dict(am._paths.leaves_with_paths(local))
+    flat_ref = _by_path(reference)
+    flat_axes = _by_path(with_axes)
+    flat_local = _by_path(local)
     for path, ref in flat_ref.items():
         np.testing.assert_allclose(
             np.asarray(flat_axes[path]), np.asarray(ref), rtol=1e-5, atol=1e-7, err_msg=path
@@ -401,9 +408,9 @@ def test_nnx_optimizer_with_partitioned_model(name):
         assert jax.typeof(model.l1.kernel[...]).sharding.spec == P(None, "fsdp")
         # No per-leaf reduced state: every state leaf is the int32 count or has
         # its param's shape and sharding.
-        params = dict(am._paths.leaves_with_paths(nnx.state(model, nnx.Param)))
+        params = _by_path(nnx.state(model, nnx.Param))
         opt_state = nnx.state(optimizer, nnx.OptState)
-        for path, value in am._paths.leaves_with_paths(opt_state):
+        for path, value in _by_path(opt_state).items():
             if not path.startswith("opt_state/"):
                 continue  # nnx's own step counter
             if value.shape == ():

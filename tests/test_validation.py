@@ -4,6 +4,7 @@ range (README contract); per-layer transformations refuse ``optax.flatten``."""
 from __future__ import annotations
 
 import re
+import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -106,6 +107,40 @@ def test_unknown_strategy_in_caadam_scales():
     params = {"d": {"kernel": jnp.zeros((2, 3))}}
     _raises(lambda: am.caadam_scales(params, "cubic"), "strategy", "'additive'")
     _raises(lambda: am.caadam_scales(params, "additive", structure="x"), "structure", "'layer'")
+
+
+def _literal_options() -> list[Any]:
+    """(callable, argument, values) for every argument typed as a ``Literal``."""
+    found = []
+    for name, fn in {**ALL, "caadam_scales": am.caadam_scales}.items():
+        hints = typing.get_type_hints(fn, localns={"ArrayTree": optax.Updates})
+        for arg, hint in hints.items():
+            if typing.get_origin(hint) is typing.Literal:
+                found.append(pytest.param(name, arg, typing.get_args(hint), id=f"{name}-{arg}"))
+    return found
+
+
+@pytest.mark.parametrize(("name", "arg", "values"), _literal_options())
+def test_string_options_accept_exactly_their_literal_values(name: str, arg: str, values: tuple):
+    """The annotation a type checker sees and the runtime check agree."""
+    params = {"d": {"kernel": jnp.zeros((2, 3))}}
+    if name == "caadam_scales":
+        make = lambda **kw: am.caadam_scales(params, **kw)
+    else:
+        make = ALL[name]
+    msg = _raises(lambda: make(**{arg: "nope"}), arg, "'nope'")
+    assert re.findall(r"'(\w+)'", msg.split("valid values are", 1)[1]) == list(values)
+    for value in values:
+        make(**{arg: value})
+
+
+def test_every_string_option_is_typed_as_a_literal():
+    found = {(p.values[0], p.values[1]) for p in _literal_options()}
+    caadam_like = ("caadam", "scale_by_connection_aware")
+    expected = {(n, a) for n in caadam_like for a in ("strategy", "structure", "eps_placement")}
+    expected |= {("caadam_keras", "strategy")}
+    expected |= {("caadam_scales", "strategy"), ("caadam_scales", "structure")}
+    assert found == expected
 
 
 @pytest.mark.parametrize("name", list(WITH_WEIGHT_DECAY))
