@@ -466,17 +466,25 @@ def _compiled_step_hlo(opt_factory, num_layers: int, axis_type) -> str:
 @pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto], ids=["explicit", "auto"])
 def test_set_adam_all_reduces_are_combined(axis_type):
     # Reductions over 'fsdp' (all l*) and over 'data' (the stacked leaf): one
-    # combined all-reduce per (sum | min) x replica group = at most 4 per step,
-    # whatever the number of leaves (12 or 24 sharded leaves here).
+    # combined all-reduce per (sum | min) x replica group = at most 4 per step
+    # on the path always taken, plus one for the "some layer overflowed"
+    # predicate; the rarely taken overflow branch (one lax.cond for the whole
+    # tree) holds its own combined sums. All whatever the number of leaves
+    # (12 or 24 sharded leaves here).
     counts = {}
     for n in (6, 12):
         hlo = _compiled_step_hlo(lambda t: am.set_adam(1e-3, layers=t), n, axis_type)
+        entry = hlo[hlo.index("\nENTRY ") :]
+        entry = entry[: entry.index("\n}")]
+        main = [ln for ln in _all_reduces(entry) if "= pred[] all-reduce" not in ln]
+        assert len(main) <= 4, main
+        assert len(_all_reduces(entry)) - len(main) <= 1
         ars = _all_reduces(hlo)
         counts[n] = len(ars)
         # One combined collective carries the sums of many leaves.
         widest = max(ln.split("all-reduce(")[0].count("f32[") for ln in ars)
         assert widest >= 2 * n, ars
-    assert counts[6] == counts[12] <= 4, counts
+    assert counts[6] == counts[12] <= 7, counts
 
 
 @pytest.mark.parametrize("name", ["caadam_depth", "exadam"])
