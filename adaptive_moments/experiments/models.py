@@ -250,6 +250,7 @@ class CharGPT(nnx.Module):
         if d % heads:
             raise ValueError(f"d={d} must be divisible by heads={heads}.")
         self.dropout = dropout
+        self.block = block  # the longest context; the task's loss reads it
         self.tok = nnx.Embed(vocab, d, rngs=rngs)
         self.pos = nnx.Embed(block, d, rngs=rngs)
         self.blocks = nnx.List([Block(d, heads, dropout, rngs=rngs) for _ in range(layers)])

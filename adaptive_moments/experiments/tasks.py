@@ -30,7 +30,7 @@ from adaptive_moments.experiments import models
 
 Arrays = dict[str, np.ndarray]
 
-# The CaAdam paper's six MLP architectures (caadam.md §7).
+# The CaAdam paper's six MLP architectures (docs/caadam.md §7).
 PAPER_MLPS = (
     "64,32",
     "128,64,32",
@@ -68,8 +68,18 @@ def parse_kv(text: str, defaults: dict[str, Any], what: str) -> dict[str, Any]:
                 f"{what}: bad item {item!r}; expected key=value with keys {sorted(defaults)}."
             )
         key = key.strip()
-        out[key] = type(defaults[key])(float(val) if isinstance(defaults[key], float) else val)
+        kind = type(defaults[key])
+        try:
+            out[key] = kind(float(val) if kind is float else val)
+        except ValueError:
+            raise ValueError(f"{what}: {key}={val.strip()!r} is not a {kind.__name__}.") from None
     return out
+
+
+def _positive(params: dict[str, Any], what: str) -> None:
+    bad = [k for k, v in params.items() if v < 1]
+    if bad:
+        raise ValueError(f"{what}: {', '.join(bad)} must be at least 1.")
 
 
 def _fixed_perm(n: int, seed: int) -> np.ndarray:
@@ -83,6 +93,9 @@ class Task:
     metric = ""  # "accuracy", "rmse" or "loss"
     higher_is_better = False
     drop_remainder = False  # BatchNorm models: equal batches only
+    # Whether vmapping trials beats running them one by one on a CPU: only for
+    # models too small to keep the cores busy (measured, see train.batching_mode).
+    vmap_on_cpu = False
     description = ""
     defaults: dict[str, Any] = {}
 
@@ -103,9 +116,13 @@ class Task:
         return padded.reshape(steps, b)
 
     def train_batch(
-        self, train: dict[str, jax.Array], idx: jax.Array
+        self, data: TaskData, train: dict[str, jax.Array], idx: jax.Array
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Gathers one batch on device: (inputs, targets, weights); -1 pads get weight 0."""
+        """Gathers one batch on device: (inputs, targets, weights); -1 pads get weight 0.
+
+        ``data`` gives static facts (sizes); ``train`` is its training arrays on device.
+        """
+        del data
         safe = jnp.maximum(idx, 0)
         w = (idx >= 0).astype(jnp.float32)
         return train["x"][safe], train["y"][safe], w
@@ -113,6 +130,13 @@ class Task:
     # -- model --------------------------------------------------------------
     def model_names(self, cfg: Any) -> list[str]:
         return list(cfg.model) if cfg.model else [self.defaults["model"]]
+
+    def check(self, cfg: Any) -> None:
+        """Raises ``ValueError`` for a model string or option this task cannot use.
+
+        Called before any data is loaded, so it must not need the data.
+        """
+        del cfg
 
     def make_model(self, model: str, data: TaskData, cfg: Any, seed: int) -> nnx.Module:
         raise NotImplementedError
@@ -194,13 +218,18 @@ class FashionMnistCNN(_FashionMnistTask):
         "lr": 1e-3,
         "batch_size": 64,
         "train_subset": 8000,
-        "test_subset": 2000,
+        "test_subset": 0,
     }
 
+    _model_defaults = {"c1": 16, "c2": 32, "dense": 64}
+
+    def check(self, cfg):
+        for m in self.model_names(cfg):
+            p = parse_kv(m, self._model_defaults, "--model for fashion_mnist_cnn")
+            _positive(p, "--model for fashion_mnist_cnn")
+
     def make_model(self, model, data, cfg, seed):
-        p = parse_kv(model, {"c1": 16, "c2": 32, "dense": 64}, "--model for fashion_mnist_cnn")
-        if cfg.image_size % 4:
-            raise ValueError("the CNN needs an image size divisible by 4.")
+        p = parse_kv(model, self._model_defaults, "--model for fashion_mnist_cnn")
         return models.SmallCNN(
             p["c1"],
             p["c2"],
@@ -221,11 +250,18 @@ class FashionMnistResNet20(_FashionMnistTask):
         "lr": 1e-3,
         "batch_size": 64,
         "train_subset": 2000,
-        "test_subset": 1000,
+        "test_subset": 0,
     }
 
+    _model_defaults = {"n": 3, "width": 16}
+
+    def check(self, cfg):
+        for m in self.model_names(cfg):
+            p = parse_kv(m, self._model_defaults, "--model for fashion_mnist_resnet20")
+            _positive(p, "--model for fashion_mnist_resnet20")
+
     def make_model(self, model, data, cfg, seed):
-        p = parse_kv(model, {"n": 3, "width": 16}, "--model for fashion_mnist_resnet20")
+        p = parse_kv(model, self._model_defaults, "--model for fashion_mnist_resnet20")
         return models.ResNet(p["n"], p["width"], in_channels=cfg.channels, rngs=nnx.Rngs(seed))
 
     def regularizer(self, model):
@@ -304,15 +340,25 @@ class ShakespeareGPT(Task):
             np.int32
         )
 
-    def train_batch(self, train, idx):
-        t = self._block
+    def check(self, cfg):
+        for m in self.model_names(cfg):
+            p = parse_kv(m, self._model_defaults, "--model for shakespeare_gpt")
+            _positive({k: v for k, v in p.items() if k != "dropout"}, "--model for shakespeare_gpt")
+            if p["d"] % p["heads"]:
+                raise ValueError(f"--model {m!r}: d={p['d']} is not divisible by heads.")
+            if not 0.0 <= p["dropout"] < 1.0:
+                raise ValueError(f"--model {m!r}: dropout must be in [0, 1).")
+
+    def train_batch(self, data, train, idx):
+        # Windows of the data's block (the largest model's); each model reads
+        # the first `model.block` positions in example_terms.
+        t = int(data.info["block"])
         pos = idx[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
         tokens = train["tokens"]
         return tokens[pos], tokens[pos + 1], jnp.ones(idx.shape, jnp.float32)
 
     def make_model(self, model, data, cfg, seed):
         p = parse_kv(model, self._model_defaults, "--model for shakespeare_gpt")
-        self._block = p["block"]
         return models.CharGPT(
             int(data.info["vocab"]),
             layers=p["layers"],
@@ -324,14 +370,16 @@ class ShakespeareGPT(Task):
         )
 
     def example_terms(self, model, x, y, *, train, key):
-        logits = model(x[:, : self._block], key=key if train else None)
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y[:, : self._block])
+        t = model.block
+        logits = model(x[:, :t], key=key if train else None)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y[:, :t])
         per_example = jnp.mean(loss, axis=-1)
         return per_example, per_example
 
 
 class RegressionMLP(Task):
     name = "regression_mlp"
+    vmap_on_cpu = True
     metric = "rmse"
     higher_is_better = False
     description = "MLP regression on sklearn's diabetes set (test RMSE, standardised units)"
@@ -383,15 +431,25 @@ class RegressionMLP(Task):
             info=info,
         )
 
-    def make_model(self, model, data, cfg, seed):
+    @staticmethod
+    def _hidden(model: str) -> list[int]:
         try:
             hidden = [int(s) for s in model.replace("-", ",").split(",") if s.strip()]
         except ValueError:
+            hidden = []
+        if not hidden or min(hidden) < 1:
             raise ValueError(
-                f"--model for regression_mlp: expected hidden sizes like 64,32 or 'paper', "
-                f"got {model!r}."
-            ) from None
-        return models.MLP(data.train["x"].shape[1], hidden, rngs=nnx.Rngs(seed))
+                f"--model for regression_mlp: expected positive hidden sizes like 64,32 or "
+                f"'paper', got {model!r}."
+            )
+        return hidden
+
+    def check(self, cfg):
+        for m in self.model_names(cfg):
+            self._hidden(m)
+
+    def make_model(self, model, data, cfg, seed):
+        return models.MLP(data.train["x"].shape[1], self._hidden(model), rngs=nnx.Rngs(seed))
 
     def example_terms(self, model, x, y, *, train, key):
         del key
