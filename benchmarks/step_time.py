@@ -23,6 +23,10 @@ Cases:
   1,000-leaf tree (fresh optimizer and function per repetition), with the
   HLO figures that explain it (instructions and kernels per leaf, distinct
   fused bodies);
+* ``compile-deep``: trace + lower + compile time of the *whole train step*
+  (loss, grad, update; jitted) of an unscanned transformer-like model with
+  24 blocks (LayerNorms, attention and MLP projections; d=32, so the FLOPs
+  are nothing and compilation is all), with the same HLO figures;
 * ``memory``: optimizer state bytes and the compiled step's peak-memory
   estimate (arguments + outputs - aliased + temporaries) on the 30M tree.
 
@@ -81,6 +85,7 @@ TARGETS = {  # median step-time ratio to adam, optimizer-only (issue 6)
 }
 TRAIN_TARGET = 1.03
 COMPILE_TARGET = 2.0
+DEEP_COMPILE_TARGET = 1.10  # whole train step of a deep unscanned model (issue 15)
 
 
 # ---------------------------------------------------------------------------
@@ -334,36 +339,68 @@ def abstract_tree(shapes: dict) -> dict:
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32), shapes, is_leaf=_is_shape)
 
 
-def _lower_opt_step(name: str, params: dict) -> tuple[Any, Any]:
-    """The candidate's abstract state and its lowered optimizer-only step."""
+def _lower_opt_step(
+    name: str, params: dict, loss_fn: Callable | None = None, batch: Any = None
+) -> tuple[Any, Any]:
+    """The candidate's abstract state and its lowered step.
+
+    The optimizer-only step, or with ``loss_fn`` the whole train step
+    (``value_and_grad(loss_fn)(params, batch)``, then the update). A fresh
+    optimizer and a fresh function every call: nothing is cached.
+    """
     opt = CANDIDATES[name]()
     state = jax.eval_shape(opt.init, params)
-    return state, _opt_step(opt).lower(params, state, params)
+    if loss_fn is None:
+
+        def step(params, state, grads):
+            updates, state = opt.update(grads, state, params)
+            return optax.apply_updates(params, updates), state
+
+        return state, jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params)
+
+    def train_step(params, state, batch):
+        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, loss
+
+    return state, jax.jit(train_step, donate_argnums=(0, 1)).lower(params, state, batch)
 
 
-def compile_times(names: list[str], shapes: dict, reps: int) -> dict[str, dict[str, float]]:
+def compile_times(
+    names: list[str],
+    shapes: dict,
+    reps: int,
+    loss_fn: Callable | None = None,
+    batch: Any = None,
+) -> dict[str, dict[str, float]]:
+    """Trace + lower + compile time of each candidate's step, interleaved.
+
+    The optimizer-only step, or the whole train step with ``loss_fn`` and
+    ``batch`` (see :func:`_lower_opt_step`). JAX's in-memory caches are
+    cleared before every compile, so no candidate reuses another's traced or
+    lowered model code.
+    """
     params = abstract_tree(shapes)
+    n_leaves = len(jax.tree.leaves(params))
+    profiles: dict[str, dict[str, float]] = {}
     trace: dict[str, list[float]] = {n: [] for n in names}
     comp: dict[str, list[float]] = {n: [] for n in names}
     cpu: dict[str, list[float]] = {n: [] for n in names}
     for k in range(reps):
         order = names[k % len(names) :] + names[: k % len(names)]
         for name in order:
-            opt = CANDIDATES[name]()  # fresh closure: nothing cached
-
-            def step(params, state, grads, opt=opt):
-                updates, state = opt.update(grads, state, params)
-                return optax.apply_updates(params, updates), state
-
-            state = jax.eval_shape(opt.init, params)
+            jax.clear_caches()
+            gc.collect()
             c0, t0 = time.process_time(), time.perf_counter()
-            lowered = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params)
+            _, lowered = _lower_opt_step(name, params, loss_fn, batch)
             t1 = time.perf_counter()
-            lowered.compile()
+            compiled = lowered.compile()
             c2, t2 = time.process_time(), time.perf_counter()
             trace[name].append(t1 - t0)
             comp[name].append(t2 - t1)
             cpu[name].append(c2 - c0)
+            if name not in profiles:  # from this compile: no extra one for the profile
+                profiles[name] = _hlo_figures(lowered, compiled, n_leaves)
     base = statistics.median([a + b for a, b in zip(trace["adam"], comp["adam"])])
     base_cpu = statistics.median(cpu["adam"])
     rows = {}
@@ -376,6 +413,8 @@ def compile_times(names: list[str], shapes: dict, reps: int) -> dict[str, dict[s
             "ratio": total / base,
             "cpu_s": statistics.median(cpu[name]),
             "cpu_ratio": statistics.median(cpu[name]) / base_cpu,
+            "samples_s": [a + b for a, b in zip(trace[name], comp[name])],
+            **profiles[name],
         }
     return rows
 
@@ -383,7 +422,9 @@ def compile_times(names: list[str], shapes: dict, reps: int) -> dict[str, dict[s
 _NOT_KERNELS = ("parameter", "tuple", "get-tuple-element", "bitcast", "constant")
 
 
-def hlo_profile(names: list[str], shapes: dict) -> dict[str, dict[str, float]]:
+def hlo_profile(
+    names: list[str], shapes: dict, loss_fn: Callable | None = None, batch: Any = None
+) -> dict[str, dict[str, float]]:
     """What the compile time follows: HLO size and how many kernels XLA emits.
 
     Per candidate, on the same tree: HLO instructions per leaf handed to XLA
@@ -397,24 +438,29 @@ def hlo_profile(names: list[str], shapes: dict) -> dict[str, dict[str, float]]:
     n_leaves = len(jax.tree.leaves(params))
     rows = {}
     for name in names:
-        _, lowered = _lower_opt_step(name, params)
-        hlo = lowered.as_text(dialect="hlo")
-        ops_in = len(re.findall(r"= \S+ [a-z][\w-]*\(", hlo))
-        optimized = lowered.compile().as_text()
-        entry = optimized[optimized.index("\nENTRY") :]
-        kernels = [
-            m.group(1)
-            for m in re.finditer(r"^\s*(?:ROOT )?%\S+ = \S+ ([a-z][\w-]*)\(", entry, re.M)
-            if m.group(1) not in _NOT_KERNELS
-        ]
-        bodies = re.findall(r"^%fused_computation[^\n]*\{\n(.*?)\n\}", optimized, re.M | re.S)
-        distinct = {re.sub(r"%[\w.\-]+|, metadata=\{[^}]*\}", "", b) for b in bodies}
-        rows[name] = {
-            "hlo_ops_per_leaf": ops_in / n_leaves,
-            "kernels_per_leaf": len(kernels) / n_leaves,
-            "distinct_fused_bodies": len(distinct),
-        }
+        _, lowered = _lower_opt_step(name, params, loss_fn, batch)
+        rows[name] = _hlo_figures(lowered, lowered.compile(), n_leaves)
     return rows
+
+
+def _hlo_figures(lowered: Any, compiled: Any, n_leaves: int) -> dict[str, float]:
+    """HLO instructions and kernels per leaf, distinct fused bodies (see hlo_profile)."""
+    hlo = lowered.as_text(dialect="hlo")
+    ops_in = len(re.findall(r"= \S+ [a-z][\w-]*\(", hlo))
+    optimized = compiled.as_text()
+    entry = optimized[optimized.index("\nENTRY") :]
+    kernels = [
+        m.group(1)
+        for m in re.finditer(r"^\s*(?:ROOT )?%\S+ = \S+ ([a-z][\w-]*)\(", entry, re.M)
+        if m.group(1) not in _NOT_KERNELS
+    ]
+    bodies = re.findall(r"^%fused_computation[^\n]*\{\n(.*?)\n\}", optimized, re.M | re.S)
+    distinct = {re.sub(r"%[\w.\-]+|, metadata=\{[^}]*\}", "", b) for b in bodies}
+    return {
+        "hlo_ops_per_leaf": ops_in / n_leaves,
+        "kernels_per_leaf": len(kernels) / n_leaves,
+        "distinct_fused_bodies": len(distinct),
+    }
 
 
 def memory(names: list[str], shapes: dict) -> dict[str, dict[str, float]]:
@@ -445,6 +491,57 @@ def memory(names: list[str], shapes: dict) -> dict[str, dict[str, float]]:
     return rows
 
 
+def deep_model(blocks: int = 24, d: int = 32) -> tuple[dict, Callable, jax.Array]:
+    """Shapes, loss and batch of the deep unscanned model of ``compile-deep``.
+
+    The char-GPT of ``train-gpt`` (per block two LayerNorms, the attention
+    projections and a 4x MLP; untied head) with ``blocks`` blocks written out
+    one by one, small widths and a batch of 2 x 16 tokens: XLA compiles every
+    block's forward, backward and update code separately, so compile time
+    grows with depth while the FLOPs stay negligible.
+    """
+    shapes = gpt_shapes(65, 16, d, blocks, tied=False)
+    batch = jax.ShapeDtypeStruct((2, 17), jnp.int32)
+
+    def loss_fn(params, tokens):
+        logits = gpt_apply(params, tokens[:, :-1], heads=4)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+    return shapes, loss_fn, batch
+
+
+def compile_case(
+    names: list[str],
+    shapes: dict,
+    reps: int,
+    target: float,
+    loss_fn: Callable | None = None,
+    batch: Any = None,
+) -> dict[str, dict[str, Any]]:
+    """Compile times (interleaved) and HLO figures, one row per candidate."""
+    rows = compile_times(names, shapes, reps, loss_fn, batch)
+    for name, r in rows.items():
+        r["target"] = None if name.startswith("adam") else target
+    return rows
+
+
+def print_compile(title: str, rows: dict[str, dict[str, Any]], target: float) -> None:
+    print(f"\n{title}")
+    print(
+        f"  {'optimizer':<22} {'trace s':>8} {'compile s':>10} {'total s':>8} "
+        f"{'ratio':>10} {'cpu ratio':>10} {'HLO ops/leaf':>12} {'kernels/leaf':>13} "
+        f"{'fused bodies':>12}"
+    )
+    for name, r in rows.items():
+        t = None if name.startswith("adam") else target
+        print(
+            f"  {name:<22} {r['trace_s']:>8.3f} {r['compile_s']:>10.3f} "
+            f"{r['total_s']:>8.3f} {_fmt_ratio(r['ratio'], t):>10} {r['cpu_ratio']:>10.3f} "
+            f"{r['hlo_ops_per_leaf']:>12.1f} {r['kernels_per_leaf']:>13.2f} "
+            f"{r['distinct_fused_bodies']:>12d}"
+        )
+
+
 # ---------------------------------------------------------------------------
 # main
 
@@ -466,8 +563,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="timed steps per round")
     parser.add_argument(
         "--cases", default="all", help="comma list of: opt30m,opt125m,resnet,leaves,"
-        "train-resnet,train-gpt,compile,memory"
+        "train-resnet,train-gpt,compile,compile-deep,memory"
     )
+    parser.add_argument("--compile-reps", type=int, default=None, help="compiles per candidate")
+    parser.add_argument("--deep-blocks", type=int, default=24, help="blocks of compile-deep")
+    parser.add_argument("--deep-width", type=int, default=32, help="width d of compile-deep")
     parser.add_argument("--only", default=None, help="comma list of candidates (adam is added)")
     parser.add_argument("--out", default="results/step_time.json")
     args = parser.parse_args(argv)
@@ -480,7 +580,17 @@ def main(argv: list[str] | None = None) -> int:
             + ["adam_control"]
         )
     cases = (
-        ["opt30m", "opt125m", "resnet", "leaves", "train-resnet", "train-gpt", "compile", "memory"]
+        [
+            "opt30m",
+            "opt125m",
+            "resnet",
+            "leaves",
+            "train-resnet",
+            "train-gpt",
+            "compile",
+            "compile-deep",
+            "memory",
+        ]
         if args.cases == "all"
         else args.cases.split(",")
     )
@@ -585,32 +695,29 @@ def main(argv: list[str] | None = None) -> int:
         )
         results["train-chargpt"] = {"params": num_params(shapes), "batch": [16, 128], "rows": rows}
 
+    reps = args.compile_reps or (2 if args.quick else 3)
     if "compile" in cases:
         shapes = small_leaves_shapes(1000)
-        rows = compile_times(names, shapes, reps=2 if args.quick else 3)
-        print("\ntrace + compile of the optimizer step, 1,000 leaves")
-        print(
-            f"  {'optimizer':<22} {'trace s':>8} {'compile s':>10} {'total s':>8} "
-            f"{'ratio':>10} {'cpu ratio':>10}"
-        )
-        for name, r in rows.items():
-            t = None if name.startswith("adam") else COMPILE_TARGET
-            print(
-                f"  {name:<22} {r['trace_s']:>8.3f} {r['compile_s']:>10.3f} "
-                f"{r['total_s']:>8.3f} {_fmt_ratio(r['ratio'], t):>10} {r['cpu_ratio']:>10.3f}"
-            )
-        profile = hlo_profile(names, shapes)
-        print(
-            f"\n  {'optimizer':<22} {'HLO ops/leaf':>12} {'kernels/leaf':>13} "
-            f"{'distinct fused bodies':>22}"
-        )
-        for name, r in profile.items():
-            rows[name].update(r)
-            print(
-                f"  {name:<22} {r['hlo_ops_per_leaf']:>12.1f} {r['kernels_per_leaf']:>13.2f} "
-                f"{r['distinct_fused_bodies']:>22d}"
-            )
+        rows = compile_case(names, shapes, reps, COMPILE_TARGET)
+        print_compile("trace + compile of the optimizer step, 1,000 leaves", rows, COMPILE_TARGET)
         results["compile-1000"] = rows
+
+    if "compile-deep" in cases:
+        shapes, loss_fn, batch = deep_model(args.deep_blocks, args.deep_width)
+        rows = compile_case(names, shapes, reps, DEEP_COMPILE_TARGET, loss_fn, batch)
+        n_leaves = len(jax.tree.leaves(shapes, is_leaf=_is_shape))
+        print_compile(
+            f"trace + lower + compile of the whole train step, unscanned {args.deep_blocks}-block "
+            f"transformer (d={args.deep_width}, {n_leaves} leaves)",
+            rows,
+            DEEP_COMPILE_TARGET,
+        )
+        results["compile-deep"] = {
+            "blocks": args.deep_blocks,
+            "width": args.deep_width,
+            "leaves": n_leaves,
+            "rows": rows,
+        }
 
     if "memory" in cases:
         shapes = gpt_shapes(50257, 1024, 384, 6)

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# GPU check: step-time ratios with roofline fractions (30M/125M trees), the
+# compile cases, sharding over the GPU's devices (and tests/test_sharding.py
+# on 8 CPU devices), one vmapped training comparison. One JSON + Markdown
+# summary, rewritten after every section, in $1 (default: $OUT, else
+# results/gpu_check/). About 5-8 minutes on one GPU; hard limit 470 s, so a
+# slow section cannot eat the device budget (the summary keeps what finished).
+#
+#   benchmarks/gpu_check.sh [OUT_DIR] [extra gpu_check.py options]
+#   GPU_CHECK_SMALL=1 benchmarks/gpu_check.sh /tmp/x   # toy sizes, CPU
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-${OUT:-results/gpu_check}}"
+shift || true
+py="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
+mkdir -p "$out"
+{ date -u; uptime; nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv 2>/dev/null; } > "$out/machine.txt"
+timeout "${GPU_CHECK_TIMEOUT:-470}" "$py" benchmarks/gpu_check.py --out "$out" "$@" 2>&1 | tee "$out/log.txt"
+rc=${PIPESTATUS[0]}
+echo "gpu_check exit status $rc; summary: $out/summary.md"
+exit "$rc"
