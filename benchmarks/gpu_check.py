@@ -19,7 +19,7 @@ Sections (each timed; a failing section is recorded and the others still run):
 * ``experiments``: one vmapped training comparison from the main job
   (``python -m adaptive_moments.experiments --batching vmap``, small options).
 
-Everything goes to ``summary.json`` and ``summary.md`` in ``--out``. With
+Everything goes to ``summary.{json,md}`` in ``--out``. With
 ``--small`` every section runs at toy sizes (CPU, under a minute):
 ``tests/test_gpu_check.py`` runs it so this script cannot rot. On a GPU run
 ``benchmarks/gpu_check.sh [OUT]`` (about 5-8 minutes on one GPU).
@@ -380,7 +380,7 @@ def main(args: argparse.Namespace) -> int:
     ):
         run(name, fn)
         write()
-    print(f"[gpu_check] wrote {out_dir / 'summary.json'} and summary.md")
+    print(f"[gpu_check] wrote {out_dir / 'summary.json'} and {out_dir / 'summary.md'}")
     return 0 if all(s["ok"] for s in sections.values()) else 1
 
 
