@@ -273,6 +273,9 @@ def scale_by_set_adam(
             _, vmin, overflow, _ = stats[i]
             s = jnp.where(overflow, s_scaled[i], s_plain[i])
             c = jnp.where(overflow, jnp.asarray(overflow_scale(rd), rd), jnp.ones((), rd))
+            # 1/sqrt(c) (a power of two) rescales the denominator; folded into
+            # the per-layer factor bc1, so the element-wise work is unchanged.
+            bc1 = bc1 * jnp.where(overflow, jnp.asarray(overflow_scale(rd) ** -0.5, rd), 1)
             # (2) eps inside the sqrt, after bias correction; s / bc2 is one
             # per-layer factor, so the element-wise work is one multiply-add.
             k = (s / bc2) * c
@@ -283,7 +286,7 @@ def scale_by_set_adam(
             vmin = jnp.minimum(vmin, jnp.finfo(rd).max)
             shift = tau_cd * jnp.sqrt(k * vmin + e_c)
             den = _moments.cast(bc1 * (w - shift), cd)
-            out = (_moments.cast(m, cd) / den) * _moments.cast(jnp.sqrt(c), cd)
+            out = _moments.cast(m, cd) / den
             return _moments.cast(out, g.dtype)
 
         new_updates = treedef.unflatten(
