@@ -17,7 +17,7 @@ from adaptive_moments.experiments.config import DEFAULT_LR_GRID, PRESETS, Experi
 from adaptive_moments.experiments.data import DataMissingError
 
 # Measured on the 2-core CPU (load noted in BUILD_NOTES, "Tuned main job").
-_DEFAULT_TIME = "no longer than the untuned default it replaced, 110 s on a quiet 2-core CPU"
+_DEFAULT_TIME = "about 3 min on a quiet 2-core CPU (185 s measured; the untuned default it replaced: 276 s)"
 
 _EPILOG = """\
 optimizers (NAME or NAME:key=value,...; lr=... sets that optimizer's base rate):
