@@ -12,6 +12,9 @@ Units. S is constant per *unit*; what a unit is depends on ``structure``:
   its S. Statistics are over units with connections, each unit once; units
   without connections (norm layers, free biases) get S = 1 from the connection
   strategies. Depth is the layer's depth in the table.
+* In both, a parameter the forward pass never uses (``LayerInfo.used`` false,
+  flagged by the Flax labelers) counts no connections and takes no depth
+  index of its own: it changes no other unit's S and gets S = 1.
 * ``"variable"``: one parameter tensor (one slice of a stacked tensor); c is
   its own connection count; tensors without connections get S = 1 from the
   connection strategies; depth is the tensor's index in forward order.
@@ -71,7 +74,7 @@ class UnitData:
             for r in rows:
                 for i in range(r.num_slices):
                     key = (r.layer, i)
-                    layer_conn[key] = layer_conn.get(key, 0.0) + r.connections
+                    layer_conn[key] = layer_conn.get(key, 0.0) + _used_connections(r)
             for r in rows:
                 self.conn[r.path] = np.array(
                     [layer_conn[(r.layer, i)] for i in range(r.num_slices)], np.float64
@@ -84,11 +87,15 @@ class UnitData:
             counted = []
             for r in rows:
                 n = r.num_slices
-                self.conn[r.path] = np.full(n, float(r.connections))
-                self.depth[r.path] = np.arange(k, k + n, dtype=np.float64)
-                k += n
-                if r.connections > 0:
+                self.conn[r.path] = np.full(n, _used_connections(r))
+                if r.used:
+                    self.depth[r.path] = np.arange(k, k + n, dtype=np.float64)
+                    k += n
+                if _used_connections(r) > 0:
                     counted.extend([float(r.connections)] * n)
+            for r in rows:  # unused: on the last index, shifting nothing (S = 1)
+                if not r.used:
+                    self.depth[r.path] = np.full(r.num_slices, max(k - 1, 0), np.float64)
             self.d_m = float(k)
         elif structure == "reference":
             by_short: dict[str, float] = {}
@@ -108,6 +115,13 @@ class UnitData:
             self.median = float(np.median(counted))
         else:
             self.c_min = self.c_max = self.median = 1.0
+
+
+def _used_connections(row: LayerInfo) -> float:
+    # A parameter the forward pass never uses (flagged by the Flax labelers)
+    # has no connections that matter: it must not move the min/median/max
+    # that set every other layer's S, and it gets S = 1 (no connections).
+    return float(row.connections) if row.used else 0.0
 
 
 def signed_distance(c: np.ndarray, u: UnitData, safe: bool) -> np.ndarray:

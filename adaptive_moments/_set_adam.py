@@ -102,11 +102,12 @@ def scaled_cosine(
     12-element layer: fp16 loss scaling, loss spikes), and a NaN update then
     makes ``optax.apply_if_finite`` skip every step. ``s`` is scale-invariant,
     so the sums of ``c * v`` (exact scaling: c is a power of two) give it
-    without overflow. The update computes them only when some layer
-    overflowed (one ``lax.cond`` for the whole tree): XLA:CPU runs each float
-    reduction as its own loop, and two more on every step made SET-Adam 3.2x
-    optax.adam's step time instead of 1.3x on the benchmark's 30M tree; one
-    branch for all leaves keeps the all-reduces of sharded layers combined.
+    without overflow. The update computes them only for a layer that
+    overflowed (a ``lax.cond`` per layer): XLA:CPU runs each float reduction
+    as its own loop, and two more on every step made SET-Adam 3.2x
+    optax.adam's step time instead of 1.3x on the benchmark's 30M tree. The
+    plain statistics' all-reduces, on the path always taken, stay combined
+    across layers; only the rarely taken branch reduces per layer.
     """
     axes = tuple(i for i in range(v.ndim) if i != stack_axis)
     c = jnp.asarray(overflow_scale(v.dtype), v.dtype)
@@ -244,23 +245,19 @@ def scale_by_set_adam(
             for i, (v, ax, mesh, rd) in layers_.items()
         }
         # (1) down-scaling: s = cos^2(v, 1), per layer; a layer whose sum(v^2)
-        # overflowed takes s from the scaled sums and has its stepsizes
-        # computed in units of c (a power of two: exact), rescaled at the end.
-        s_plain = {i: st[0] for i, st in stats.items()}
-        if stats:
-            any_overflow = jnp.any(jnp.stack([jnp.any(st[2]) for st in stats.values()]))
-            all_axes = tuple(sorted({a for (_, _, mesh, _) in layers_.values() for a in mesh}))
-            if all_axes:  # every device of the mesh takes the same branch
-                any_overflow = jax.lax.pmax(any_overflow.astype(jnp.int32), all_axes) > 0
+        # overflowed takes s from the scaled sums (its own lax.cond: the
+        # predicate comes from the reduced sums, so every device of the layer's
+        # group takes the same branch) and has its stepsizes computed in units
+        # of c (a power of two: exact), rescaled at the end.
+        s_of = {}
+        for i, (v, ax, mesh, rd) in layers_.items():
+            s_plain, _, overflow, d = stats[i]
 
-            def scaled_all(vs):
-                return {
-                    i: scaled_cosine(vs[i], ax, mesh, scalars(rd)[4], stats[i][3])
-                    for i, (_, ax, mesh, rd) in layers_.items()
-                }
+            def rescued(v, ax=ax, mesh=mesh, rd=rd, d=d, s_plain=s_plain, overflow=overflow):
+                # Per slice of a stacked leaf: only overflowed slices change.
+                return jnp.where(overflow, scaled_cosine(v, ax, mesh, scalars(rd)[4], d), s_plain)
 
-            vs = {i: rec[0] for i, rec in layers_.items()}
-            s_scaled = jax.lax.cond(any_overflow, scaled_all, lambda vs: s_plain, vs)
+            s_of[i] = jax.lax.cond(jnp.any(overflow), rescued, lambda v, s=s_plain: s, v)
 
         def direction(i, g, m):
             if g is None or not _moments.is_trained(g):
@@ -271,7 +268,7 @@ def scale_by_set_adam(
             cd = _moments.compute_dtype(g.dtype)
             bc1, bc2, e, tau_cd, _ = scalars(rd)
             _, vmin, overflow, _ = stats[i]
-            s = jnp.where(overflow, s_scaled[i], s_plain[i])
+            s = s_of[i]
             c = jnp.where(overflow, jnp.asarray(overflow_scale(rd), rd), jnp.ones((), rd))
             # 1/sqrt(c) (a power of two) rescales the denominator; folded into
             # the per-layer factor bc1, so the element-wise work is unchanged.

@@ -770,6 +770,19 @@ def check_unused(table: am.LayerTable, unused: list[str]) -> None:
     np.testing.assert_allclose(s["b/bias"], s_depth(1, 2), rtol=1e-12)
     for path in unused:
         np.testing.assert_allclose(s[path], 1.0)
+    # The connection strategies and the per-variable structure: the used
+    # parameters' S as in the table without the unused rows, S = 1 for these.
+    used_only = am.LayerTable([r for r in table.rows if r.used])
+    for strategy in ("additive", "multiplicative", "depth"):
+        for structure in ("layer", "variable"):
+            kw = {"structure": structure}
+            s, ref = scales(table, strategy, **kw), scales(used_only, strategy, **kw)
+            if strategy != "multiplicative":  # (V-shaped: equal for two layers)
+                assert s["a/kernel"] != s["b/kernel"]  # the statistics are not trivial
+            for path in ref:
+                np.testing.assert_allclose(s[path], ref[path], rtol=1e-12, err_msg=path)
+            for path in unused:
+                np.testing.assert_allclose(s[path], 1.0, err_msg=(strategy, structure))
 
 
 @pytest.mark.parametrize("depth", ["call", "dataflow"])
