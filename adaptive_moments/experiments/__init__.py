@@ -11,7 +11,9 @@ report), :mod:`.train` (trials of one optimizer as one compiled program),
 :mod:`.records` (the JSON schema), :mod:`.stats` (paired statistics),
 :mod:`.report` (summaries and the table), :mod:`.plot` (the figures),
 :mod:`.merge` (pooling reports), :mod:`.tasks`, :mod:`.models`,
-:mod:`.data`, :mod:`.optimizers`, :mod:`.config`.
+:mod:`.data`, :mod:`.optimizers`, :mod:`.config`; :mod:`.claims` (the
+README's claims table from ``evidence/``) and :mod:`.mechanism` (SET-Adam's
+per-layer stepsize ranges) are command-line tools of their own.
 
 Tasks (``--task``): ``fashion_mnist_cnn``, ``fashion_mnist_resnet20``,
 ``shakespeare_gpt``, ``regression_mlp``; presets (``--preset``) reproduce the

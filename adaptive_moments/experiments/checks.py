@@ -91,10 +91,14 @@ def check_config(cfg: ExperimentConfig) -> ExperimentConfig:
         raise ValueError(f"--tune-seeds {cfg.tune_seeds} exceeds the {len(cfg.seeds)} seeds.")
     if cfg.name is not None and not _NAME.match(cfg.name):
         raise ValueError(f"--name must be a file stem (letters, digits, ._+=-): {cfg.name!r}.")
+    if cfg.lr_from is not None and not Path(cfg.lr_from).is_file():
+        raise ValueError(f"--lr-from {cfg.lr_from}: no such file.")
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--output-dir {cfg.output_dir} is a file, not a folder.")
     _check_subsets(cfg)
+    if cfg.dataset is not None and not getattr(task, "datasets", None):
+        raise ValueError(f"--dataset is for regression_mlp; task {cfg.task} has one data set.")
     task.check(cfg)
     check_optimizers(cfg.optimizers, cfg.lr)
     return cfg

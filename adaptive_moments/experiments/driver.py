@@ -106,6 +106,10 @@ def run_experiment(cfg: ExperimentConfig) -> Report:
     name = cfg.name or f"{cfg.preset or cfg.task}_{time.strftime('%Y%m%d-%H%M%S')}"
     tuned = len(cfg.lr_grid) > 1
     tune_seeds = cfg.seeds[: cfg.tune_seeds] if tuned else []
+    models = task.model_names(cfg)
+    fixed = _rates_from(cfg.lr_from, models, [s.label for s in specs]) if cfg.lr_from else None
+    if fixed is not None:
+        tuned, tune_seeds = False, []
     grid_text = ", ".join(f"{x:.3g}" for x in cfg.lr_grid)
     grid_text = f"[{grid_text}]" if cfg.lr_grid_absolute else f"[{grid_text}] x base {cfg.lr:g}"
     print(
@@ -118,14 +122,16 @@ def run_experiment(cfg: ExperimentConfig) -> Report:
             f"{grid_text}"
             f" (seeds {tune_seeds}), then every seed at the chosen rate"
             if tuned
+            else f"  learning rate: as each optimizer chose in {cfg.lr_from}"
+            if fixed is not None
             else f"  learning rate: {cfg.lr:g} (not tuned)"
         ),
         flush=True,
     )
-    models = task.model_names(cfg)
-    per_opt = len(cfg.lr_grid) * len(tune_seeds) + len(cfg.seeds) - len(tune_seeds)
-    programs = len(models) * len(specs) * (1 if _sequential(task, cfg) else 1 + int(tuned))
-    eta = _Eta(cfg, len(models) * len(specs) * per_opt, programs)
+    searched = [s for s in specs if s.tune] if tuned else []
+    runs = len(specs) * len(cfg.seeds) + len(searched) * (len(cfg.lr_grid) - 1) * len(tune_seeds)
+    programs = len(specs) + (0 if _sequential(task, cfg) else len(searched))
+    eta = _Eta(cfg, len(models) * runs, len(models) * programs)
     groups: list[GroupRecord] = []
     for model_name in models:
         setup = ModelSetup(task, data, cfg, model_name, list(cfg.seeds))
@@ -135,9 +141,12 @@ def run_experiment(cfg: ExperimentConfig) -> Report:
         chosen: dict[str, list[Any]] = {}
         for spec in specs:
             base = spec.lr if spec.lr is not None else cfg.lr
-            grid = lr_grid(cfg, base) if tuned else [base]
+            if fixed is not None:
+                base = fixed[(model_name, spec.label)]
+            spec_tuned = tuned and spec.tune
+            grid = lr_grid(cfg, base) if spec_tuned else [base]
             found = []
-            if tuned:
+            if spec_tuned:
                 trials = [Trial(s, lr) for s in tune_seeds for lr in grid]
                 found = train_trials(setup, spec, trials, f"{spec.label} lr search", eta.advance)
                 search[spec.label] = [_point(r) for r in found]
@@ -146,7 +155,8 @@ def run_experiment(cfg: ExperimentConfig) -> Report:
             else:
                 lr = grid[0]
                 search[spec.label] = []
-            rest = [Trial(s, lr) for s in cfg.seeds if s not in tune_seeds]
+            done = tune_seeds if spec_tuned else []
+            rest = [Trial(s, lr) for s in cfg.seeds if s not in done]
             final = train_trials(setup, spec, rest, f"{spec.label} seeds", eta.advance)
             by_seed = {r.trial.seed: r for r in [*found, *final] if r.trial.lr == lr}
             chosen[spec.label] = [by_seed[s] for s in cfg.seeds]
@@ -185,6 +195,20 @@ def run_experiment(cfg: ExperimentConfig) -> Report:
         versions=report.versions(),
     )
     return report.summarize_and_write(result, name, time.perf_counter() - t_start)
+
+
+def _rates_from(path: str, models: list[str], labels: list[str]) -> dict[tuple[str, str], float]:
+    """(model, optimizer label) -> the rate chosen in an earlier report."""
+    from adaptive_moments.experiments.records import read_json
+
+    r = read_json(path)
+    chosen = {
+        (g["model"], lab): rs[0]["lr"] for g in r["groups"] for lab, rs in g["runs"].items() if rs
+    }
+    missing = [f"{m} / {lab}" for m in models for lab in labels if (m, lab) not in chosen]
+    if missing:
+        raise ValueError(f"--lr-from {path} has no chosen rate for {', '.join(missing)}.")
+    return chosen
 
 
 def _sequential(task: Any, cfg: ExperimentConfig) -> bool:

@@ -13,7 +13,7 @@ from adaptive_moments.experiments.records import (
 )
 
 # Config fields that may differ between reports that are merged.
-_FREE = ("seeds", "name", "preset", "output_dir", "progress", "plot", "batching")
+_FREE = ("seeds", "name", "preset", "output_dir", "progress", "plot", "batching", "lr_from")
 
 
 def _fixed(r: Report) -> dict[str, Any]:

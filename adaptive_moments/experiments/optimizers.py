@@ -2,8 +2,11 @@
 
 Examples: ``adam``, ``sgd``, ``caadam_additive``,
 ``caadam:strategy=depth,structure=reference``, ``exadam_v1``,
-``adamw:weight_decay=0.004,lr=3e-4``. ``lr`` overrides the run's learning
-rate for that optimizer; every other key is passed to the constructor.
+``adamw:weight_decay=0.004,lr=3e-4``, ``adam:lr=1.88e-3,tune=false``. ``lr``
+overrides the run's learning rate for that optimizer; ``tune=false`` keeps it
+at that rate when the others are tuned (a fixed comparison point, e.g. Adam
+at the rate matching another optimizer's mean step); every other key is
+passed to the constructor.
 """
 
 from __future__ import annotations
@@ -102,12 +105,14 @@ class OptimizerSpec:
       kwargs: constructor keyword arguments (registered defaults, then the
         spec's own).
       lr: learning-rate override, or ``None`` for the run's.
+      tune: ``False``: never tuned (every seed at the base rate).
     """
 
     text: str
     name: str
     kwargs: dict[str, Any]
     lr: float | None = None
+    tune: bool = True
 
     @property
     def label(self) -> str:
@@ -154,6 +159,7 @@ def parse_optimizer(text: str) -> OptimizerSpec:
         raise ValueError(f"unknown optimizer {name!r} in {text!r}; known: {known}.")
     kwargs = dict(OPTIMIZERS[name][1])
     lr = None
+    tune = True
     for item in filter(None, (s.strip() for s in rest.split(","))):
         key, eq, val = item.partition("=")
         if not eq:
@@ -162,9 +168,13 @@ def parse_optimizer(text: str) -> OptimizerSpec:
         value = _value(val.strip())
         if key in ("lr", "learning_rate"):
             lr = float(value)
+        elif key == "tune":
+            if not isinstance(value, bool):
+                raise ValueError(f"optimizer {text!r}: tune must be true or false, got {val!r}.")
+            tune = value
         else:
             kwargs[key] = value
-    return OptimizerSpec(text.strip(), name, kwargs, lr)
+    return OptimizerSpec(text.strip(), name, kwargs, lr, tune)
 
 
 def describe_optimizers() -> str:

