@@ -291,7 +291,8 @@ def verdict(kind: Kind, diff: float, ci: tuple[float, float], p_holm: float) -> 
     if significant:
         return "consistent with the paper: better" if better else "not reproduced: worse"
     if excludes_zero:
-        return "not shown: the CI excludes 0 but Holm over the table does not"
+        side = "better" if better else "worse"
+        return f"not shown: {side} by its CI, not significant after Holm over the table"
     return "not shown: the CI includes 0"
 
 
@@ -401,6 +402,8 @@ def render_evidence_index(evidence: Path = EVIDENCE) -> str:
             f"- versions: jax {r['versions'].get('jax')}, optax {r['versions'].get('optax')}, "
             f"flax {r['versions'].get('flax')}",
         ]
+        if r["config"].get("step_losses") is False:
+            out.append("- per-step train losses dropped after the summary (per-epoch curves kept)")
         if r.get("merged_from"):
             out.append(f"- pooled from: {', '.join(r['merged_from'])}")
     pending = {}

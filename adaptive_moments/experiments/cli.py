@@ -173,6 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a("--no-plot", dest="plot", action="store_false", default=None, help="skip the PNGs")
     a(
+        "--no-step-losses",
+        dest="step_losses",
+        action="store_false",
+        default=None,
+        help="keep per-epoch curves only in the JSON (no per-step train losses)",
+    )
+    a(
         "--merge",
         nargs="+",
         metavar="JSON",

@@ -13,7 +13,17 @@ from adaptive_moments.experiments.records import (
 )
 
 # Config fields that may differ between reports that are merged.
-_FREE = ("seeds", "name", "preset", "output_dir", "progress", "plot", "batching", "lr_from")
+_FREE = (
+    "seeds",
+    "name",
+    "preset",
+    "output_dir",
+    "progress",
+    "plot",
+    "batching",
+    "lr_from",
+    "step_losses",
+)
 
 
 def _fixed(r: Report) -> dict[str, Any]:
@@ -67,8 +77,10 @@ def merge_reports(
     groups: list[GroupRecord] = []
     for gi, g in enumerate(first["groups"]):
         runs = {
-            lab: sorted((run for r in reports for run in r["groups"][gi]["runs"][lab]),
-                        key=lambda run: run["seed"])  # fmt: skip
+            lab: sorted(
+                (run for r in reports for run in r["groups"][gi]["runs"][lab]),
+                key=lambda run: run["seed"],
+            )  # fmt: skip
             for lab in g["runs"]
         }
         search = {

@@ -44,7 +44,7 @@ class RunRecord(TypedDict):
     seed: int
     lr: float  # the trial's learning rate (before any reduce-on-plateau)
     lr_per_epoch: list[float]
-    train_loss_steps: list[float]  # per optimizer step
+    train_loss_steps: list[float]  # per optimizer step (empty: dropped, --no-step-losses)
     train_loss: list[float]  # mean over each epoch's steps
     val_loss: list[float]
     val_metric: list[float]

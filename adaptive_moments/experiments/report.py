@@ -268,11 +268,21 @@ def summarize_and_write(result: Report, name: str, wall: float) -> Report:
         f.write(f"# {task['name']} ({name})\n\nwall time {wall:.0f} s\n")
         for text in texts:
             f.write(f"\n{text}\n")
+    if not cfg.get("step_losses", True):
+        drop_step_losses(result)
     result["wall_time_s"] = wall
     result["paths"] = paths
     result.setdefault("command", command_line())
     write_json(result, Path(paths["json"]))
     return result
+
+
+def drop_step_losses(result: Report) -> None:
+    """Empties every run's per-step train losses (after the summary used them)."""
+    for g in result["groups"]:
+        for rs in g["runs"].values():
+            for r in rs:
+                r["train_loss_steps"] = []
 
 
 # Set by the command line's main(): the arguments it was given.

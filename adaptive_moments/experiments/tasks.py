@@ -390,8 +390,8 @@ class RegressionMLP(Task):
         # rows, not installable offline) with a fixed permutation.
         "diamonds": (
             data_lib.load_diamonds,
-            "ggplot2 diamonds from the plotnine wheel (53,940 x 9; 20,640 rows sampled, "
-            "California Housing's size), target log(price)",
+            "ggplot2 diamonds from the plotnine wheel (53,940 x 9, less 23 rows of impossible "
+            "size; 20,640 rows sampled, California Housing's size), target log(price)",
             20_640,
         ),
     }
