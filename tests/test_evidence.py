@@ -46,6 +46,15 @@ def test_verdict_words_follow_the_interval_and_holm(kind, diff, ci, p_holm, word
     assert words in claims.verdict(kind, diff, ci, p_holm)
 
 
+def test_verdict_says_when_the_interval_excludes_the_papers_effect():
+    # Δ 1e-4 on a baseline of 0.1 (scale 1000 % per unit): CI [-0.1, +0.3] %.
+    text = claims.verdict("better", 1e-4, (-1e-4, 3e-4), 0.5, paper=2.07, scale=1000.0)
+    assert text.startswith("not shown: the CI includes 0")
+    assert text.endswith("the CI [-0.10, +0.30] % excludes the paper's +2.07 %")
+    inside = claims.verdict("better", 1e-4, (-1e-4, 3e-4), 0.5, paper=0.2, scale=1000.0)
+    assert "excludes" not in inside
+
+
 def _report(metric_by_label: dict[str, list[float]], higher: bool = True) -> dict:
     seeds = list(range(len(next(iter(metric_by_label.values())))))
     return {

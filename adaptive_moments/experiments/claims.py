@@ -53,6 +53,7 @@ class Claim:
     kind: Kind = "better"
     command: str = ""  # what writes the report
     why_not: str = ""  # for an untestable claim
+    paper_rel_pct: float | None = None  # the paper's effect, relative %, + = better
 
 
 _MLP_CMD = (
@@ -100,6 +101,7 @@ def _mlp_claims() -> list[Claim]:
                         model=model,
                         kind="null" if null else "better",
                         command=cmd,
+                        paper_rel_pct=float(_MLP_PAPER[model][i]),
                     )
                 )
     return out
@@ -128,6 +130,7 @@ CLAIMS: list[Claim] = [
         evidence="caadam_resnet20_fmnist",
         optimizer="caadam_keras:strategy=additive",
         command=_RESNET_CMD,
+        paper_rel_pct=0.31,
     ),
     Claim(
         paper="CaAdam multiplicative -0.02 % F-MNIST ResNet-20 (relative, p 0.82: no difference)",
@@ -141,6 +144,7 @@ CLAIMS: list[Claim] = [
         evidence="caadam_resnet20_fmnist",
         optimizer="caadam_keras:strategy=depth",
         command=_RESNET_CMD,
+        paper_rel_pct=0.39,
     ),
     Claim(
         paper="CaAdam additive is more than a larger step (vs Adam at 1.88x, its mean S)",
@@ -272,8 +276,30 @@ def _mechanism(row: Row, path: Path) -> None:
         )
 
 
-def verdict(kind: Kind, diff: float, ci: tuple[float, float], p_holm: float) -> str:
-    """Words for one row that its interval and Holm p support."""
+def verdict(
+    kind: Kind,
+    diff: float,
+    ci: tuple[float, float],
+    p_holm: float,
+    paper: float | None = None,
+    scale: float = math.nan,
+) -> str:
+    """Words for one row that its interval and Holm p support.
+
+    ``paper`` is the paper's effect in relative %, ``scale`` turns our
+    difference into relative % (100 / |baseline mean|); with both, a row also
+    says when its interval excludes the paper's effect.
+    """
+    words = _verdict(kind, diff, ci, p_holm)
+    if paper is None or not math.isfinite(scale) or not all(map(math.isfinite, ci)):
+        return words
+    lo, hi = ci[0] * scale, ci[1] * scale
+    if lo <= paper <= hi:
+        return words
+    return f"{words}; the CI [{lo:+.2f}, {hi:+.2f}] % excludes the paper's {paper:+.2f} %"
+
+
+def _verdict(kind: Kind, diff: float, ci: tuple[float, float], p_holm: float) -> str:
     if not all(map(math.isfinite, (diff, *ci))):
         return "cannot tell: too few seeds for an interval"
     excludes_zero = ci[0] > 0 or ci[1] < 0
@@ -316,7 +342,8 @@ def build_rows(evidence: Path = EVIDENCE) -> list[Row]:
     tested = [r for r in rows if r.status == "tested" and r.claim.kind != "mechanism"]
     for r, ph in zip(tested, stats.holm([r.p for r in tested]), strict=True):
         r.p_holm = ph
-        r.verdict = verdict(r.claim.kind, r.diff, r.ci, ph)
+        scale = r.rel_pct / r.diff if r.diff else math.nan
+        r.verdict = verdict(r.claim.kind, r.diff, r.ci, ph, r.claim.paper_rel_pct, scale)
         if r.edge:  # its tuning may be incomplete: say so beside the verdict
             r.verdict += f" (rate at the grid's edge: {', '.join(r.edge)})"
     return rows
