@@ -64,8 +64,9 @@ _MLP_CMD = (
 _MLP_PARTS = {
     "a": ("64,32", "128,64,32"),
     "b": ("128,128,64",),
-    "c": ("256,128,64,32", "128,128,128,128,128"),
-    "d": ("1024,256,64,16",),
+    "c": ("256,128,64,32",),
+    "d": ("128,128,128,128,128",),
+    "e": ("1024,256,64,16",),
 }
 # hidden layers -> the paper's California Δ% (additive, multiplicative, depth),
 # + = lower RMSE, relative; multiplicative on the widest MLP was not significant
