@@ -17,9 +17,9 @@ from adaptive_moments import _labeler, _moments, _paths, _table, _validation, _w
 # of a scan-stacked leaf. Three statistics are needed: sum(v), sum(v * v) and
 # min(w) where w = sqrt(s * v / bc2 + eps). Since w is a non-decreasing
 # function of v (for s >= 0, and IEEE rounding is monotone), min(w) =
-# w(min(v)) exactly, so all three reduce the raw v in one independent pass:
-# XLA fuses them into one loop over the layer, and under sharding their
-# all-reduces are independent (they can be combined).
+# w(min(v)) exactly, so all three reduce the raw v and none depends on
+# another: under sharding their all-reduces can be combined (XLA:CPU still
+# runs each reduction as its own loop over v; BUILD_NOTES, Performance).
 #
 # Inside shard_map each device sees only its shard, so with axis_name the
 # partial sums are psum-ed and the min pmin-ed over the named mesh axes, and
@@ -224,51 +224,34 @@ def scale_by_set_adam(
             )
         )
 
-        # Pass 1: each layer's plain statistics. Leaves that are not trained
-        # (or empty) get no layer; fill_untrained / zeros handle them.
-        flat, treedef = jax.tree_util.tree_flatten_with_path(updates, is_leaf=_paths.is_none)
-        flat_m = treedef.flatten_up_to(mu)
-        flat_v = treedef.flatten_up_to(nu)
-        layers_ = {}  # leaf index -> (v, stack_axis, mesh_axes, rd)
-        for i, ((key_path, g), v) in enumerate(zip(flat, flat_v)):
-            if g is None or not _moments.is_trained(g) or g.size == 0:
-                continue
-            path = _paths.normalize_path(key_path)
-            stack_axis = None
-            if table is not None:
-                stack_axis = table.lookup(path, who, g.shape).stack_axis
-            rd = _moments.real_dtype(_moments.compute_dtype(g.dtype))
-            v = _moments.real_part(_moments.cast(v, _moments.compute_dtype(g.dtype)))
-            layers_[i] = (v, stack_axis, axes_for(axis_name, path), rd)
-        stats = {
-            i: layer_statistics(v, ax, mesh, scalars(rd)[4])
-            for i, (v, ax, mesh, rd) in layers_.items()
-        }
-        # (1) down-scaling: s = cos^2(v, 1), per layer; a layer whose sum(v^2)
-        # overflowed takes s from the scaled sums (its own lax.cond: the
-        # predicate comes from the reduced sums, so every device of the layer's
-        # group takes the same branch) and has its stepsizes computed in units
-        # of c (a power of two: exact), rescaled at the end.
-        s_of = {}
-        for i, (v, ax, mesh, rd) in layers_.items():
-            s_plain, _, overflow, d = stats[i]
-
-            def rescued(v, ax=ax, mesh=mesh, rd=rd, d=d, s_plain=s_plain, overflow=overflow):
-                # Per slice of a stacked leaf: only overflowed slices change.
-                return jnp.where(overflow, scaled_cosine(v, ax, mesh, scalars(rd)[4], d), s_plain)
-
-            s_of[i] = jax.lax.cond(jnp.any(overflow), rescued, lambda v, s=s_plain: s, v)
-
-        def direction(i, g, m):
+        def direction(key_path, g, m, v):
             if g is None or not _moments.is_trained(g):
                 return None  # filled by fill_untrained
             if g.size == 0:
                 return jnp.zeros_like(g)
-            v, _, _, rd = layers_[i]
+            path = _paths.normalize_path(key_path)
+            stack_axis = None
+            if table is not None:
+                stack_axis = table.lookup(path, who, g.shape).stack_axis
+            mesh = axes_for(axis_name, path)
             cd = _moments.compute_dtype(g.dtype)
-            bc1, bc2, e, tau_cd, _ = scalars(rd)
-            _, vmin, overflow, _ = stats[i]
-            s = s_of[i]
+            rd = _moments.real_dtype(cd)
+            v = _moments.real_part(_moments.cast(v, cd))
+            bc1, bc2, e, tau_cd, guard = scalars(rd)
+            s, vmin, overflow, d = layer_statistics(v, stack_axis, mesh, guard)
+
+            # (1) down-scaling: s = cos^2(v, 1), per layer; a layer whose
+            # sum(v^2) overflowed takes s from the scaled sums (its own
+            # lax.cond: the predicate comes from the reduced sums, so every
+            # device of the layer's group takes the same branch) and has its
+            # stepsizes computed in units of c (a power of two: exact),
+            # rescaled at the end. The plain statistics of all layers have no
+            # dependence on each other, so their all-reduces still combine.
+            def rescued(v):
+                # Per slice of a stacked leaf: only overflowed slices change.
+                return jnp.where(overflow, scaled_cosine(v, stack_axis, mesh, guard, d), s)
+
+            s = jax.lax.cond(jnp.any(overflow), rescued, lambda v, s=s: s, v)
             c = jnp.where(overflow, jnp.asarray(overflow_scale(rd), rd), jnp.ones((), rd))
             # 1/sqrt(c) (a power of two) rescales the denominator; folded into
             # the per-layer factor bc1, so the element-wise work is unchanged.
@@ -286,9 +269,8 @@ def scale_by_set_adam(
             out = _moments.cast(m, cd) / den
             return _moments.cast(out, g.dtype)
 
-        new_updates = treedef.unflatten(
-            [direction(i, g, m) for i, ((_, g), m) in enumerate(zip(flat, flat_m))]
-        )
+        # Leaves that are not trained get None here; fill_untrained zeros them.
+        new_updates = jax.tree.map_with_path(direction, updates, mu, nu, is_leaf=_paths.is_none)
         new_updates = _moments.fill_untrained(new_updates, updates, params)
         mu = optax.tree.cast(mu, mu_dtype)
         return new_updates, ScaleBySetAdamState(count=count, mu=mu, nu=nu)
