@@ -107,33 +107,31 @@ def _grads(params, seed):
     return jax.tree.map(lambda p: rng.standard_normal(p.shape).astype(np.float32), params)
 
 
+def _first_step(setups, compiled, name, seed):
+    """One compiled step of ``name`` at the deeper depth: (g, new - old) of the stacked kernel."""
+    _, params, _, _ = setups[DEPTHS[1]]
+    opt, exe, _ = compiled[DEPTHS[1], name]
+    grads = _grads(params, seed)
+    new, _ = exe(params, jax.jit(opt.init)(params), grads)
+    g, old, new = (np.asarray(t["blocks"]["mlp_in"]["kernel"]) for t in (grads, params, new))
+    return g, new - old
+
+
 def test_depth_scale_per_slice(setups, compiled):
     depth = DEPTHS[1]
     _, params, _, table = setups[depth]
-    opt, exe, _ = compiled[depth, "caadam_depth"]
-    grads = _grads(params, 1)
-    new, _ = exe(params, jax.jit(opt.init)(params), grads)
+    g, delta = _first_step(setups, compiled, "caadam_depth", 1)
     s = np.asarray(am.caadam_scales(params, "depth", layers=table)["blocks"]["mlp_in"]["kernel"])
     s = s.reshape(depth)
     assert len(np.unique(s)) == depth  # every slice its own depth factor
     # First step: m_hat = g, v_hat = g^2, so the update is -lr * S * sign(g) per slice.
-    g = np.asarray(grads["blocks"]["mlp_in"]["kernel"])
-    delta = np.asarray(new["blocks"]["mlp_in"]["kernel"]) - np.asarray(
-        params["blocks"]["mlp_in"]["kernel"]
-    )
     np.testing.assert_allclose(delta, -sc.LR * s[:, None, None] * np.sign(g), rtol=1e-4, atol=1e-9)
 
 
 def test_set_adam_statistics_per_slice(setups, compiled):
     depth = DEPTHS[1]
-    _, params, _, _ = setups[depth]
-    opt, exe, _ = compiled[depth, "set_adam"]
-    grads = _grads(params, 2)
-    new, _ = exe(params, jax.jit(opt.init)(params), grads)
-    g = np.asarray(grads["blocks"]["mlp_in"]["kernel"], np.float64)
-    delta = np.asarray(new["blocks"]["mlp_in"]["kernel"]) - np.asarray(
-        params["blocks"]["mlp_in"]["kernel"]
-    )
+    g, delta = _first_step(setups, compiled, "set_adam", 2)
+    g = g.astype(np.float64)
     b1, b2, eps, tau = 0.9, 0.999, 1e-8, 0.5  # set_adam's defaults
     for i in range(depth):  # statistics of slice i only (one layer)
         m, v = (1 - b1) * g[i], (1 - b2) * g[i] ** 2

@@ -213,6 +213,7 @@ class Row:
     diff: float = math.nan  # + = better, in the metric's units
     ci: tuple[float, float] = (math.nan, math.nan)
     rel_pct: float = math.nan  # 100 * diff / |baseline mean|
+    pct_per_unit: float = math.nan  # 100 / |baseline mean|: metric units -> relative %
     p: float = math.nan
     p_holm: float = math.nan
     n: int = 0
@@ -250,7 +251,8 @@ def _compare(row: Row, report: Report, path: Path) -> None:
     base_mean = stats.mean_std([b[s] for s in seeds])[0]
     row.metric = report["task"]["metric"]
     row.diff, row.ci, row.p, row.n = pr["diff_mean"], tuple(pr["ci95"]), pr["p"], pr["n"]
-    row.rel_pct = 100.0 * row.diff / abs(base_mean) if base_mean else math.nan
+    row.pct_per_unit = 100.0 / abs(base_mean) if base_mean else math.nan
+    row.rel_pct = row.diff * row.pct_per_unit
     summary = group["summary"]["optimizers"]
     row.edge = tuple(lab for lab in (c.optimizer, c.baseline) if summary[lab]["lr_at_grid_edge"])
 
@@ -343,8 +345,7 @@ def build_rows(evidence: Path = EVIDENCE) -> list[Row]:
     tested = [r for r in rows if r.status == "tested" and r.claim.kind != "mechanism"]
     for r, ph in zip(tested, stats.holm([r.p for r in tested]), strict=True):
         r.p_holm = ph
-        scale = r.rel_pct / r.diff if r.diff else math.nan
-        r.verdict = verdict(r.claim.kind, r.diff, r.ci, ph, r.claim.paper_rel_pct, scale)
+        r.verdict = verdict(r.claim.kind, r.diff, r.ci, ph, r.claim.paper_rel_pct, r.pct_per_unit)
         if r.edge:  # its tuning may be incomplete: say so beside the verdict
             r.verdict += f" (rate at the grid's edge: {', '.join(r.edge)})"
     return rows
