@@ -44,7 +44,14 @@ from adaptive_moments.experiments import (  # noqa: E402
     parse_optimizer,
     run_experiment,
 )
-from adaptive_moments.experiments import checks, cli, report, stats, train  # noqa: E402
+from adaptive_moments.experiments import (  # noqa: E402
+    checks,
+    cli,
+    generalisation,
+    report,
+    stats,
+    train,
+)
 from adaptive_moments.experiments import data as data_lib  # noqa: E402
 from adaptive_moments.experiments.tasks import TASKS  # noqa: E402
 
@@ -294,6 +301,94 @@ def test_summary_signs_pairs_and_table_wording():
     one = {"search": {}, "runs": {k: v[:1] for k, v in group["runs"].items()}}
     t1 = report.format_table(report.summarize(one, False, None), "rmse", restore_best=False)
     assert "(n=1)" in t1 and "± 0.0000" not in t1 and "± —" not in t1
+
+
+def test_generalisation_gap_and_matched_train_loss():
+    # Accuracy (higher is better): gap = train - test; L* = max over optimizers of
+    # the median over seeds of each run's lowest epoch-mean train loss.
+    def run(seed, train_loss, test_curve, test, train_acc):
+        return {
+            **_run(test, [1.0], seed),
+            "train_loss": train_loss,
+            "test_metric_curve": test_curve,
+            "train_eval_metric": train_acc,
+        }
+
+    group = {
+        "search": {},
+        "runs": {
+            "adam": [
+                run(0, [1.0, 0.5, 0.2], [0.60, 0.70, 0.72], 0.72, 0.95),
+                run(1, [1.0, 0.4, 0.1], [0.61, 0.71, 0.73], 0.73, 0.97),
+                run(2, [0.9, 0.6, 0.3], [0.62, 0.69, 0.70], 0.70, 0.90),
+            ],
+            "set_adam": [
+                run(0, [1.0, 0.6, 0.45], [0.65, 0.74, 0.75], 0.75, 0.85),
+                run(1, [1.1, 0.7, 0.40], [0.64, 0.73, 0.76], 0.76, 0.88),
+                run(2, [1.0, 0.8, 0.70], [0.63, 0.70, 0.71], 0.71, 0.80),
+            ],
+        },
+    }
+    g = generalisation.summarize(group, higher_is_better=True, base="adam")
+    # Lowest losses: adam 0.2, 0.1, 0.3 (median 0.2); set_adam 0.45, 0.40, 0.70 (median 0.45).
+    assert g["matched_train_loss"] == pytest.approx(0.45)
+    a, b = g["optimizers"]["adam"], g["optimizers"]["set_adam"]
+    assert a["matched_epoch"] == [3, 2, 3] and b["matched_epoch"] == [3, 3, None]
+    assert a["matched_test_metric"] == pytest.approx([0.72, 0.71, 0.70])
+    assert b["matched_test_metric"][:2] == pytest.approx([0.75, 0.76])
+    assert math.isnan(b["matched_test_metric"][2])  # never reached L*: left out
+    assert b["matched_paired"]["n"] == 2
+    assert b["matched_paired"]["diff_mean"] == pytest.approx(np.mean([0.03, 0.05]))
+    gaps_a, gaps_b = [0.23, 0.24, 0.20], [0.10, 0.12, 0.09]
+    assert a["gap"] == pytest.approx(gaps_a) and b["gap"] == pytest.approx(gaps_b)
+    # A smaller gap counts as better (+).
+    assert b["gap_paired"]["diff_mean"] == pytest.approx(np.mean(gaps_a) - np.mean(gaps_b))
+    assert b["gap_paired"]["p"] == pytest.approx(sps.ttest_rel(gaps_a, gaps_b).pvalue)
+    table = generalisation.format_table(g, "accuracy")
+    assert "2/3" in table and "(baseline)" in table and "+12.00 [" in table
+    # RMSE (lower is better): the gap is test - train.
+    rmse = generalisation.summarize(group, higher_is_better=False, base="adam")
+    assert rmse["optimizers"]["adam"]["gap"] == pytest.approx([-x for x in gaps_a])
+
+
+def test_generalisation_columns_end_to_end_and_merge_with_older_reports(tmp_path, capsys):
+    common = [
+        "--task", "regression_mlp", "--model", "8", "--optimizers", "adam", "set_adam",
+        "--epochs", "6", "--lr-grid", "1", "--lr", "0.01", "--output-dir", str(tmp_path),
+        "--no-progress", "--no-plot", "--early-stopping", "3",
+    ]  # fmt: skip
+    assert main([*common, "--generalisation", "--seeds", "0", "1", "--name", "g"]) == 0
+    out = capsys.readouterr().out
+    assert "Generalisation (vs adam)" in out
+    rep = json.loads((tmp_path / "g.json").read_text())
+    group = rep["groups"][0]
+    for runs in group["runs"].values():
+        for r in runs:
+            assert len(r["test_metric_curve"]) == r["epochs_run"]
+            # The per-epoch test metric is that of the weights after each epoch: at the
+            # tested epoch it is the test metric itself.
+            assert r["test_metric_curve"][r["test_epoch"] - 1] == pytest.approx(
+                r["test_metric"], rel=1e-6
+            )
+            assert 0 < r["train_eval_metric"] < 2  # RMSE in standardised units
+    gen = group["summary"]["generalisation"]
+    for lab, runs in group["runs"].items():
+        want = [r["test_metric"] - r["train_eval_metric"] for r in runs]
+        assert gen["optimizers"][lab]["gap"] == pytest.approx(want)
+    # Without the option: no extra records, no extra table.
+    assert main([*common, "--seeds", "2", "--name", "plain"]) == 0
+    plain = json.loads((tmp_path / "plain.json").read_text())
+    assert "generalisation" not in plain["groups"][0]["summary"]
+    assert "test_metric_curve" not in plain["groups"][0]["runs"]["adam"][0]
+    # A report written before the option existed merges with one written after it.
+    del plain["config"]["generalisation"]
+    (tmp_path / "old.json").write_text(json.dumps(plain))
+    assert main([*common, "--seeds", "3", "--name", "new"]) == 0
+    parts = [str(tmp_path / "old.json"), str(tmp_path / "new.json")]
+    assert main(["--merge", *parts, "--name", "m", "--output-dir", str(tmp_path)]) == 0
+    # ...but not a report with the option with one without it.
+    assert main(["--merge", str(tmp_path / "g.json"), str(tmp_path / "new.json")]) == 2
+    assert "config generalisation" in capsys.readouterr().err
 
 
 # -- trials trained together equal trials trained alone -----------------------------
@@ -574,4 +669,3 @@ def test_creation_order_matches_traced_forward_order(name):
     ours = am.layer_table(params, order=models.creation_order(model))
     assert [r.path for r in ours.rows] == [r.path for r in traced.rows]
     assert [r.layer for r in ours.rows] == [r.layer for r in traced.rows]
-

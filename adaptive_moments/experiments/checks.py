@@ -99,6 +99,11 @@ def check_config(cfg: ExperimentConfig) -> ExperimentConfig:
     _check_subsets(cfg)
     if cfg.dataset is not None and not getattr(task, "datasets", None):
         raise ValueError(f"--dataset is for regression_mlp; task {cfg.task} has one data set.")
+    if cfg.generalisation and cfg.task == "shakespeare_gpt":
+        raise ValueError(
+            "--generalisation needs a training split of examples; the char-GPT samples "
+            "random windows (compare its validation and test losses instead)."
+        )
     task.check(cfg)
     check_optimizers(cfg.optimizers, cfg.lr)
     return cfg

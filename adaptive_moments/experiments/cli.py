@@ -17,7 +17,9 @@ from adaptive_moments.experiments.config import DEFAULT_LR_GRID, PRESETS, Experi
 from adaptive_moments.experiments.data import DataMissingError
 
 # Measured on the 2-core CPU (load noted in BUILD_NOTES, "Tuned main job").
-_DEFAULT_TIME = "about 3 min on a quiet 2-core CPU (185 s measured; the untuned default it replaced: 276 s)"
+_DEFAULT_TIME = (
+    "about 3 min on a quiet 2-core CPU (185 s measured; the untuned default it replaced: 276 s)"
+)
 
 _EPILOG = """\
 optimizers (NAME or NAME:key=value,...; lr=... sets that optimizer's base rate):
@@ -178,6 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         default=None,
         help="keep per-epoch curves only in the JSON (no per-step train losses)",
+    )
+    a(
+        "--generalisation",
+        action="store_true",
+        default=None,
+        help="also record the test metric per epoch and the tested weights' train-split "
+        "metric: the generalisation gap and the test metric at a matched train loss",
     )
     a(
         "--merge",

@@ -77,6 +77,11 @@ class ExperimentConfig:
     # losses (35 MB -> 1.4 MB for a 12-seed MLP sitting; the summary's "steps to
     # target" is computed before they are dropped). The evidence presets do.
     step_losses: bool = True
+    # True: the test metric after every epoch (recorded for the "test metric at
+    # a matched train loss" column only: no choice reads it) and the tested
+    # weights' loss and metric on the training split (the generalisation gap).
+    # Costs a test pass per epoch and a train pass per tested run.
+    generalisation: bool = False
 
     def resolved(self, task_defaults: dict[str, Any]) -> ExperimentConfig:
         """A copy with the task defaults filled in."""
@@ -235,6 +240,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # optimizer tuned, early stopping on validation, with the tau = 0 ablation.
     "set_adam_evidence": dict(
         step_losses=False,
+        generalisation=True,
         task="fashion_mnist_cnn",
         optimizers=["adam", "adabelief", "set_adam", "set_adam:tau=0.0"],
         seeds=list(range(5)),

@@ -5,7 +5,8 @@ rate of the grid in one program; the rate with the best mean validation
 metric (at the epoch whose weights would be tested) is chosen; the other
 seeds then train at that rate in a second program, and the search trials at
 the chosen rate are kept as those seeds' runs (same weights, same batches).
-The test split is evaluated once, at the end, on the chosen runs only.
+The test split is evaluated once, at the end, on the chosen runs only (with
+``cfg.generalisation`` also after every epoch, for a report column no choice reads).
 """
 
 from __future__ import annotations
@@ -256,4 +257,3 @@ def _run_line(model: str, label: str, rec: Any, metric: str) -> str:
         f"  {model} | {label} | seed {rec['seed']}, lr {rec['lr']:.3g}: "
         f"val {metric} {rec['val_metric'][-1]:.4f}, {rec['epochs_run']} epochs{state}"
     )
-

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from adaptive_moments.experiments import report
+from adaptive_moments.experiments.config import ExperimentConfig
 from adaptive_moments.experiments.records import (
     SCHEMA_VERSION,
     GroupRecord,
@@ -28,7 +30,9 @@ _FREE = (
 
 def _fixed(r: Report) -> dict[str, Any]:
     """What must be equal for runs to be pooled, by name."""
-    cfg = {k: v for k, v in r["config"].items() if k not in _FREE}
+    # A report written before an option existed ran with its default.
+    defaults = dataclasses.asdict(ExperimentConfig())
+    cfg = {k: v for k, v in {**defaults, **r["config"]}.items() if k not in _FREE}
     return {
         **{f"config {k}": v for k, v in cfg.items()},
         "task": r["task"],

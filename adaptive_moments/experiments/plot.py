@@ -67,6 +67,7 @@ def _plain_log(axis: Any, values: np.ndarray) -> None:
     decades = np.log10(v.max() / v.min()) if len(v) else 0.0
     axis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
     if decades < 1.5:  # few major ticks: label 2, 3 and 5 times a power of ten as well
+
         def minor(x: float, _: Any) -> str:
             m = x / 10 ** np.floor(np.log10(x) + 1e-9)
             return f"{x:g}" if any(abs(m - k) < 1e-6 for k in (2, 3, 5)) else ""

@@ -58,6 +58,11 @@ class RunRecord(TypedDict):
     compile_s: float
     test_loss: float | None  # None: never tested (a search point not chosen)
     test_metric: float | None
+    # With cfg.generalisation: the test metric after each epoch, and the tested
+    # weights' loss and metric on the training split (evaluation mode).
+    test_metric_curve: NotRequired[list[float]]
+    train_eval_loss: NotRequired[float | None]
+    train_eval_metric: NotRequired[float | None]
 
 
 class SearchPoint(TypedDict):
@@ -100,6 +105,8 @@ class Summary(TypedDict):
     target_loss: float  # smoothed train loss ("steps to" target)
     smoothing_steps: int
     optimizers: dict[str, OptimizerSummary]
+    # With --generalisation: experiments.generalisation.Generalisation.
+    generalisation: NotRequired[dict[str, Any]]
 
 
 class GroupRecord(TypedDict):

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from adaptive_moments.experiments import stats
+from adaptive_moments.experiments import generalisation, stats
 from adaptive_moments.experiments.records import (
     GroupRecord,
     OptimizerSummary,
@@ -251,6 +251,14 @@ def summarize_and_write(result: Report, name: str, wall: float) -> Report:
             f"seeds {seeds}; {how}.\n"
             f"{table_header(g['summary'], task['metric'], cfg['restore_best'])}\n\n{g['table']}"
         )
+        if generalisation.has_data(g):
+            base = g["summary"]["baseline"]
+            gen = generalisation.summarize(g, task["higher_is_better"], base)
+            g["summary"]["generalisation"] = dict(gen)
+            text += (
+                f"\n\n{generalisation.header(gen, base, task['metric'])}\n\n"
+                f"{generalisation.format_table(gen, task['metric'])}"
+            )
         texts.append(text)
         print(f"\n{text}", flush=True)
     out_dir = Path(cfg["output_dir"])

@@ -18,9 +18,7 @@ import numpy as np
 from adaptive_moments.experiments.records import Paired, nan_if_none
 
 
-def paired(
-    metric: Sequence[float], baseline: Sequence[float], higher_is_better: bool
-) -> Paired:
+def paired(metric: Sequence[float], baseline: Sequence[float], higher_is_better: bool) -> Paired:
     """Paired t statistics of ``metric`` against ``baseline`` (same seeds, same order).
 
     Args:

@@ -9,7 +9,10 @@ cores idle between small kernels, and K trials cost far less than K times
 one (see BUILD_NOTES). Every trial gets an evaluation on the validation set
 after every epoch and Keras-style early stopping / reduce-on-plateau on its
 validation loss; the test set is evaluated separately, once, by
-:func:`evaluate_test` on the weights :func:`train_trials` kept.
+:func:`evaluate_test` on the weights :func:`train_trials` kept. With
+``cfg.generalisation`` the test metric is also recorded after every epoch (for
+the report's matched-train-loss column; no choice reads it) and the kept
+weights are evaluated on the training split too (the generalisation gap).
 """
 
 from __future__ import annotations
@@ -237,6 +240,7 @@ class ModelSetup:
         self.train_dev = {k: jnp.asarray(v) for k, v in data.train.items()}
         self.val_eval = Evaluator(task, self.graphdef, data.val, cfg.eval_batch_size)
         self._test_eval: Evaluator | None = None
+        self._train_eval: Evaluator | None = None
         self.batching = batching_mode(task, cfg)
         self._programs: dict[tuple[str, float, int], Any] = {}
 
@@ -247,6 +251,14 @@ class ModelSetup:
                 self.task, self.graphdef, self.data.test, self.cfg.eval_batch_size
             )
         return self._test_eval
+
+    def train_evaluator(self) -> Evaluator:
+        """The training split in evaluation mode (``cfg.generalisation`` only)."""
+        if self._train_eval is None:
+            self._train_eval = Evaluator(
+                self.task, self.graphdef, self.data.train, self.cfg.eval_batch_size
+            )
+        return self._train_eval
 
     def program(
         self, spec: OptimizerSpec, base_lr: float, args: tuple[Any, ...]
@@ -369,7 +381,8 @@ def _train_program(
     has_best = np.zeros(k, bool)
     test_w: Any = None  # every trial keeps its first epoch's weights at least
     curves: list[dict[str, list[float]]] = [
-        {n: [] for n in ("steps", "train", "val_loss", "val_metric", "lr")} for _ in trials
+        {n: [] for n in ("steps", "train", "val_loss", "val_metric", "lr", "test_metric")}
+        for _ in trials
     ]
     test_epoch = np.zeros(k, int)
     diverged = np.zeros(k, bool)
@@ -394,6 +407,8 @@ def _train_program(
             losses = np.asarray(jnp.stack(dev_losses), np.float64)  # (steps, K); blocks
             times.append(time.perf_counter() - t0)
             vl, vm = setup.val_eval(params, rest)
+            # Recorded for the matched-train-loss column only; no choice reads it.
+            tm = setup.test_evaluator()(params, rest)[1] if cfg.generalisation else None
             keep = np.zeros(k, bool)
             for j, cb in enumerate(cbs):
                 if not active[j]:
@@ -404,6 +419,8 @@ def _train_program(
                 c["train"].append(float(np.mean(losses[:, j])))
                 c["val_loss"].append(float(vl[j]))
                 c["val_metric"].append(float(vm[j]))
+                if tm is not None:
+                    c["test_metric"].append(float(tm[j]))
                 if not (np.isfinite(c["train"][-1]) and np.isfinite(vl[j])):
                     diverged[j] = True  # Keras TerminateOnNaN
                     active[j] = False
@@ -454,6 +471,8 @@ def _train_program(
             test_loss=None,
             test_metric=None,
         )
+        if cfg.generalisation:
+            record["test_metric_curve"] = c["test_metric"]
         weights = jax.tree.map(lambda a, j=j: a[j], test_w)
         out.append(TrialResult(t, record, weights))
     return out
@@ -473,3 +492,8 @@ def evaluate_test(setup: ModelSetup, results: list[TrialResult]) -> None:
     for r, lo, m in zip(results, loss, metric, strict=True):
         r.record["test_loss"] = float(lo)
         r.record["test_metric"] = float(m)
+    if setup.cfg.generalisation:  # the same weights on the training split
+        loss, metric = setup.train_evaluator()(params, rest)
+        for r, lo, m in zip(results, loss, metric, strict=True):
+            r.record["train_eval_loss"] = float(lo)
+            r.record["train_eval_metric"] = float(m)
