@@ -25,7 +25,7 @@ in dispatch). Not part of the library: a record of what was measured
 (BUILD_NOTES.md, Performance).
 
 Run: ``.venv/bin/python benchmarks/compile_state_scales.py compile --leaves 300``
-and ``... step --leaves 2000``.
+and ``... step --leaves 2000`` (or ``step --tree resnet`` / ``--tree gpt30m``).
 """
 
 from __future__ import annotations
@@ -40,7 +40,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from step_time import _hlo_figures, abstract_tree, materialize, small_leaves_shapes
+from step_time import (
+    _hlo_figures,
+    abstract_tree,
+    gpt_shapes,
+    materialize,
+    resnet20_shapes,
+    small_leaves_shapes,
+)
 
 import adaptive_moments as am
 
@@ -176,12 +183,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("mode", choices=("compile", "step"))
     parser.add_argument("--leaves", type=int, default=300)
+    parser.add_argument(
+        "--tree",
+        choices=("leaves", "resnet", "gpt30m"),
+        default="leaves",
+        help="small leaves (--leaves of them), the ResNet-20 tree or the 30M GPT-like tree",
+    )
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5, help="steps per timed round (step)")
     parser.add_argument("--only", default=",".join(NAMES), help="comma list; first = baseline")
     args = parser.parse_args()
     names = args.only.split(",")
-    shapes = small_leaves_shapes(args.leaves)
+    shapes = {
+        "leaves": lambda: small_leaves_shapes(args.leaves),
+        "resnet": resnet20_shapes,
+        "gpt30m": lambda: gpt_shapes(50257, 1024, 384, 6),
+    }[args.tree]()
     if args.mode == "compile":
         compile_mode(names, shapes, args.reps)
     else:
