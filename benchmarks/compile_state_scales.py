@@ -15,7 +15,10 @@ measures the design that makes S a runtime value without letting it go stale:
   skipped step instead of running with the wrong S. The new S is written from
   the constants every step;
 * ``state_pass``: the held S passed through unchanged (no healing): the floor;
-* ``state_cond``: the right S written only on a mismatch (a ``lax.cond``).
+* ``state_cond``: the right S written only on a mismatch (a ``lax.cond``);
+* ``state_raise``: the held S passed through, and on a mismatch a ``ValueError``
+  raised from a ``jax.debug.callback`` inside a ``lax.cond`` (no healing, no
+  zeroed step: the caller sees the error).
 
 ``compile`` mode: CPU seconds of trace + lower + compile of the donated
 optimizer step on the benchmark's small-leaf tree, interleaved, JAX's caches
@@ -51,12 +54,16 @@ from step_time import (
 
 import adaptive_moments as am
 
-NAMES = ("adam", "const", "state", "state_pass", "state_cond", "am_depth")
+NAMES = ("adam", "const", "state", "state_pass", "state_cond", "state_raise", "am_depth")
 
 
 class HeldScales(NamedTuple):
     inner: Any
     scales: tuple[jax.Array, ...]  # one float32 scalar per leaf, in leaf order
+
+
+def _stale_error() -> None:
+    raise ValueError("the state's S was built for another strategy, gamma or layer table")
 
 
 def _held(inner: optax.GradientTransformation, consts: list[float], heal: str):
@@ -75,6 +82,10 @@ def _held(inner: optax.GradientTransformation, consts: list[float], heal: str):
         leaves, treedef = jax.tree.flatten(u)
         u = treedef.unflatten([x * (s * keep) for x, s in zip(leaves, state.scales)])
         if heal == "pass":
+            new = state.scales
+        elif heal == "raise":  # no healing: a clear error on a mismatch, nothing written
+            jax.lax.cond(stale, lambda: jax.debug.callback(_stale_error), lambda: None)
+            u = treedef.unflatten([x * s for x, s in zip(leaves, state.scales)])
             new = state.scales
         elif heal == "cond":
             new = jax.lax.cond(stale, lambda h: fresh(), lambda h: h, state.scales)
@@ -106,6 +117,7 @@ def make(name: str, params: Any) -> optax.GradientTransformation:
         "state": _held(inner, consts, "const"),
         "state_pass": _held(inner, consts, "pass"),
         "state_cond": _held(inner, consts, "cond"),
+        "state_raise": _held(inner, consts, "raise"),
     }[name]
     return optax.chain(scaled, optax.scale(-1e-3))
 
