@@ -81,9 +81,9 @@ _MLP_PAPER = {
 }
 
 
-# Parts too long for one sitting: the seeds run in two (tuning on seeds 0-1
-# first, the rest at the rates chosen there), then merged.
-_MLP_SPLIT = ("e",)
+# Parts too long for one sitting: the search on seeds 0-1 first, the other
+# seeds later at the rates chosen there (--lr-from), then merged.
+_MLP_SPLIT = {"e": ((0, 1), (2, 3, 4, 5, 6), (7, 8, 9, 10, 11))}
 
 
 def _mlp_command(part: str, models: tuple[str, ...]) -> str:
@@ -93,14 +93,17 @@ def _mlp_command(part: str, models: tuple[str, ...]) -> str:
     if part not in _MLP_SPLIT:
         return _MLP_CMD.format(models=flags, part=part)
     name = f"caadam_mlp_diamonds_{part}"
-    first, rest = f"evidence/{name}_s01.json", f"evidence/{name}_s2-11.json"
-    seeds = " ".join(str(s) for s in range(2, 12))
-    return (
-        f"{_MLP_CMD.format(models=flags, part=part + '_s01')} --seeds 0 1`, then "
-        f"`{_MLP_CMD.format(models=flags, part=part + '_s2-11')} --seeds {seeds} "
-        f"--lr-from {first}`, then `python -m adaptive_moments.experiments --merge {first} "
-        f"{rest} --output-dir evidence --name {name}"
-    )
+    steps, files = [], []
+    for seeds in _MLP_SPLIT[part]:
+        suffix = f"_s{seeds[0]}{seeds[-1]}" if len(seeds) == 2 else f"_s{seeds[0]}-{seeds[-1]}"
+        cmd = _MLP_CMD.format(models=flags, part=part + suffix)
+        cmd += " --seeds " + " ".join(map(str, seeds))
+        if files:
+            cmd += f" --lr-from {files[0]}"
+        steps.append(cmd)
+        files.append(f"evidence/{name}{suffix}.json")
+    merge = f"python -m adaptive_moments.experiments --merge {' '.join(files)} "
+    return "`, then `".join([*steps, merge + f"--output-dir evidence --name {name}"])
 
 
 def _mlp_claims() -> list[Claim]:
