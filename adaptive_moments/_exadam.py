@@ -76,9 +76,7 @@ def scale_by_exadam(
             b1t = _moments.decay_power(b1, count, cd)
             b2t = _moments.decay_power(b2, count, cd)
             # paper v1's step factor ln(sqrt(2) sqrt(t + 1))
-            log_factor = (
-                jnp.log(jnp.sqrt(2 * (count.astype(cd) + 1))) if log_step_size else None
-            )
+            log_factor = jnp.log(jnp.sqrt(2 * (count.astype(cd) + 1))) if log_step_size else None
             inv_bc1, inv_bc2 = 1 / (1 - b1t), 1 / (1 - b2t)
             return b1t, b2t, 1 + b1t, 1 + b2t, inv_bc1, inv_bc2, jnp.asarray(eps, cd), log_factor
 

@@ -69,7 +69,7 @@ def layer_statistics(
     factor; ``min v`` the layer minimum; ``overflow`` marks layers whose
     ``sum(v^2)`` is not finite (their ``s`` comes from :func:`scaled_cosine`);
     ``d`` the number of elements of one (global) layer. Reduces over every
-    axis but ``stack_axis``; the two sums and the min read v in one pass.
+    axis but ``stack_axis``; the three reductions are independent of each other.
     """
     axes = tuple(i for i in range(v.ndim) if i != stack_axis)
     s1 = jnp.sum(v, axis=axes, keepdims=True)
@@ -238,7 +238,7 @@ def scale_by_set_adam(
             rd = _moments.real_dtype(cd)
             v = _moments.real_part(_moments.cast(v, cd))
             bc1, bc2, e, tau_cd, guard = scalars(rd)
-            s, vmin, overflow, d = layer_statistics(v, stack_axis, mesh, guard)
+            s_plain, vmin, overflow, d = layer_statistics(v, stack_axis, mesh, guard)
 
             # (1) down-scaling: s = cos^2(v, 1), per layer; a layer whose
             # sum(v^2) overflowed takes s from the scaled sums (its own
@@ -249,9 +249,9 @@ def scale_by_set_adam(
             # dependence on each other, so their all-reduces still combine.
             def rescued(v):
                 # Per slice of a stacked leaf: only overflowed slices change.
-                return jnp.where(overflow, scaled_cosine(v, stack_axis, mesh, guard, d), s)
+                return jnp.where(overflow, scaled_cosine(v, stack_axis, mesh, guard, d), s_plain)
 
-            s = jax.lax.cond(jnp.any(overflow), rescued, lambda v, s=s: s, v)
+            s = jax.lax.cond(jnp.any(overflow), rescued, lambda v: s_plain, v)
             c = jnp.where(overflow, jnp.asarray(overflow_scale(rd), rd), jnp.ones((), rd))
             # 1/sqrt(c) (a power of two) rescales the denominator; folded into
             # the per-layer factor bc1, so the element-wise work is unchanged.

@@ -46,9 +46,7 @@ def check_interval(
         lo = "[" if low_closed else "("
         hi = "]" if high_closed else ")"
         hi_txt = "inf" if high == float("inf") else f"{high:g}"
-        raise ValueError(
-            f"{name} must lie in {lo}{low:g}, {hi_txt}{hi}; got {value!r}."
-        )
+        raise ValueError(f"{name} must lie in {lo}{low:g}, {hi_txt}{hi}; got {value!r}.")
 
 
 def check_learning_rate(value: Any) -> None:

@@ -38,7 +38,7 @@ def test_readme_claims_table_and_evidence_index_are_up_to_date():
         ("null", 0.5, (0.1, 0.9), 0.01, "differs from the paper's null: better"),
         ("step", 0.1, (-0.2, 0.4), 0.6, "no larger than a step-size change"),
         ("step", 0.5, (0.1, 0.9), 0.01, "more than a step-size change"),
-        ("step", -0.5, (-0.9, -0.1), 0.01, "worse than Adam at the matched step"),
+        ("step", -0.5, (-0.9, -0.1), 0.01, "worse than Adam at the step-matched rate"),
         ("better", 0.5, (math.nan, math.nan), math.nan, "too few seeds"),
     ],
 )

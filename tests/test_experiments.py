@@ -304,8 +304,8 @@ def test_summary_signs_pairs_and_table_wording():
 
 
 def test_generalisation_gap_and_matched_train_loss():
-    # Accuracy (higher is better): gap = train - test; L* = max over optimizers of
-    # the median over seeds of each run's lowest epoch-mean train loss.
+    # Accuracy (higher is better): gap = train - test; per row, L* = the larger of the
+    # row's and the baseline's median over seeds of each run's lowest epoch-mean train loss.
     def run(seed, train_loss, test_curve, test, train_acc):
         return {
             **_run(test, [1.0], seed),
@@ -327,16 +327,24 @@ def test_generalisation_gap_and_matched_train_loss():
                 run(1, [1.1, 0.7, 0.40], [0.64, 0.73, 0.76], 0.76, 0.88),
                 run(2, [1.0, 0.8, 0.70], [0.63, 0.70, 0.71], 0.71, 0.80),
             ],
+            # A poorly fitting row (one run diverged: NaN losses) must not move the others' L*.
+            "slow": [
+                run(0, [1.0, 0.95, 0.9], [0.5, 0.5, 0.5], 0.5, 0.5),
+                run(1, [math.nan, math.nan, math.nan], [0.1, 0.1, 0.1], 0.1, 0.1),
+                run(2, [1.0, 0.92, 0.9], [0.5, 0.5, 0.5], 0.5, 0.5),
+            ],
         },
     }
     g = generalisation.summarize(group, higher_is_better=True, base="adam")
     # Lowest losses: adam 0.2, 0.1, 0.3 (median 0.2); set_adam 0.45, 0.40, 0.70 (median 0.45).
-    assert g["matched_train_loss"] == pytest.approx(0.45)
     a, b = g["optimizers"]["adam"], g["optimizers"]["set_adam"]
-    assert a["matched_epoch"] == [3, 2, 3] and b["matched_epoch"] == [3, 3, None]
-    assert a["matched_test_metric"] == pytest.approx([0.72, 0.71, 0.70])
+    assert b["matched_train_loss"] == pytest.approx(0.45)
+    assert a["matched_train_loss"] == pytest.approx(0.2)  # the baseline's own level
+    assert g["optimizers"]["slow"]["matched_train_loss"] == pytest.approx(0.9)
+    assert a["matched_epoch"] == [3, 3, None] and b["matched_epoch"] == [3, 3, None]
     assert b["matched_test_metric"][:2] == pytest.approx([0.75, 0.76])
     assert math.isnan(b["matched_test_metric"][2])  # never reached L*: left out
+    # Paired with adam at set_adam's L* (0.45): adam's epochs 3, 2, 3 give 0.72, 0.71, 0.70.
     assert b["matched_paired"]["n"] == 2
     assert b["matched_paired"]["diff_mean"] == pytest.approx(np.mean([0.03, 0.05]))
     gaps_a, gaps_b = [0.23, 0.24, 0.20], [0.10, 0.12, 0.09]
@@ -345,10 +353,14 @@ def test_generalisation_gap_and_matched_train_loss():
     assert b["gap_paired"]["diff_mean"] == pytest.approx(np.mean(gaps_a) - np.mean(gaps_b))
     assert b["gap_paired"]["p"] == pytest.approx(sps.ttest_rel(gaps_a, gaps_b).pvalue)
     table = generalisation.format_table(g, "accuracy")
-    assert "2/3" in table and "(baseline)" in table and "+12.00 [" in table
+    assert "2/3 (2 pairs)" in table and "(baseline)" in table and "+12.00 [" in table
     # RMSE (lower is better): the gap is test - train.
     rmse = generalisation.summarize(group, higher_is_better=False, base="adam")
     assert rmse["optimizers"]["adam"]["gap"] == pytest.approx([-x for x in gaps_a])
+    # Rows on other seeds than the baseline's cannot be paired.
+    group["runs"]["slow"] = group["runs"]["slow"][:2]
+    with pytest.raises(ValueError, match="different seeds"):
+        generalisation.summarize(group, higher_is_better=True, base="adam")
 
 
 def test_generalisation_columns_end_to_end_and_merge_with_older_reports(tmp_path, capsys):

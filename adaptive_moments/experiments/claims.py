@@ -373,10 +373,12 @@ def _verdict(kind: Kind, diff: float, ci: tuple[float, float], p_holm: float) ->
     better = diff > 0
     if kind == "step":
         if not significant:
-            return "no larger than a step-size change: the CI includes Adam at the matched step"
+            return (
+                "no larger than a step-size change: the CI includes Adam at the step-matched rate"
+            )
         if better:
-            return "more than a step-size change: better than Adam at the matched step"
-        return "worse than Adam at the matched step"
+            return "more than a step-size change: better than Adam at the step-matched rate"
+        return "worse than Adam at the step-matched rate"
     if kind == "null":
         if not significant:
             return "no difference detected here either; the CI bounds it (not proof of none)"
@@ -397,7 +399,7 @@ def build_rows(evidence: Path = EVIDENCE) -> list[Row]:
             continue
         path = evidence / f"{c.evidence}.json"
         if not path.is_file():
-            rows.append(Row(c, "pending", verdict="not yet re-tested with tuned baselines"))
+            rows.append(Row(c, "pending", verdict="not run yet"))
             continue
         row = Row(c, "tested")
         if c.kind == "mechanism":

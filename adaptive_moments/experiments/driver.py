@@ -163,7 +163,8 @@ def run_experiment(cfg: ExperimentConfig) -> Report:
             chosen[spec.label] = [by_seed[s] for s in cfg.seeds]
             for r in final:
                 log(cfg, _run_line(model_name, spec.label, r.record, task.metric))
-        # The test split, once, on the chosen runs only.
+        # The test split, once, on the chosen runs only (with cfg.generalisation the
+        # per-epoch curves read it too, for a report column no choice uses).
         for results in chosen.values():
             evaluate_test(setup, results)
         groups.append(

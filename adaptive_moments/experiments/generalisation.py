@@ -7,13 +7,15 @@ Two views of "generalises better" beside the test metric itself:
   worse than the training one (train - test for accuracy, test - train for
   RMSE or loss). A smaller gap is better; paired against the baseline per seed.
 * **test metric at a matched train loss**: optimizers that fit the training
-  set to different degrees are compared where they fit it equally well. The
-  matched loss ``L*`` is the largest, over optimizers, of the median over seeds
-  of each run's lowest epoch-mean train loss, so a typical run of every
-  optimizer reaches it; each run contributes its test metric after the first
-  epoch whose mean train loss is <= ``L*`` (runs that never reach it are left
-  out and counted). The per-epoch test metric is recorded for this column
-  only; no choice (rate, epoch, stopping) reads it.
+  set to different degrees are compared where they fit it equally well. Per
+  row, the matched loss ``L*`` is the larger of two medians over seeds of each
+  run's lowest epoch-mean train loss: the row's and the baseline's, so a
+  typical run of both reaches it, and other rows (an ablation, an untuned
+  point) do not move it. Each run contributes its test metric after the first
+  epoch whose mean train loss is <= ``L*``; runs that never reach it are left
+  out of the pairs, and the table gives the number of pairs. The per-epoch
+  test metric is recorded for this column only; no choice (rate, epoch,
+  stopping) reads it.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class GeneralisationRow(TypedDict):
     gap_std: float
     gap_paired: Paired | None  # + = smaller gap than the baseline's
     train_metric_mean: float  # tested weights on the training split
+    matched_train_loss: float  # L* of this row (with the baseline)
     matched_epoch: list[int | None]  # 1-based; None: never reached L*
     matched_test_metric: list[float]  # NaN where not reached
     matched_mean: float
@@ -41,7 +44,6 @@ class GeneralisationRow(TypedDict):
 
 
 class Generalisation(TypedDict):
-    matched_train_loss: float  # L*
     optimizers: dict[str, GeneralisationRow]
 
 
@@ -56,15 +58,21 @@ def _gap(r: RunRecord, higher_is_better: bool) -> float:
     return train - test if higher_is_better else test - train
 
 
-def matched_loss(runs: dict[str, list[RunRecord]]) -> float:
-    """``L*``: max over optimizers of the median over seeds of the lowest train loss."""
-    medians = []
-    for rs in runs.values():
-        lows = [np.nanmin(np.asarray([nan_if_none(x) for x in r["train_loss"]])) for r in rs]
-        lows = [x for x in lows if np.isfinite(x)]
-        if lows:
-            medians.append(float(np.median(lows)))
-    return max(medians) if medians else math.nan
+def lowest_loss_median(runs: list[RunRecord]) -> float:
+    """Median over runs of each run's lowest finite epoch-mean train loss."""
+    lows = []
+    for r in runs:
+        x = np.asarray([nan_if_none(v) for v in r["train_loss"]], np.float64)
+        x = x[np.isfinite(x)]
+        if x.size:
+            lows.append(float(x.min()))
+    return float(np.median(lows)) if lows else math.nan
+
+
+def matched_loss(runs: list[RunRecord], base: list[RunRecord] | None) -> float:
+    """``L*`` of a row: the larger of its and the baseline's :func:`lowest_loss_median`."""
+    mine = lowest_loss_median(runs)
+    return mine if base is None else float(np.fmax(mine, lowest_loss_median(base)))
 
 
 def _at_matched(r: RunRecord, target: float) -> tuple[int | None, float]:
@@ -79,13 +87,16 @@ def _at_matched(r: RunRecord, target: float) -> tuple[int | None, float]:
 def summarize(group: GroupRecord, higher_is_better: bool, base: str | None) -> Generalisation:
     """The gap and matched-train-loss statistics of one group (needs :func:`has_data`)."""
     runs = group["runs"]
-    target = matched_loss(runs)
     gaps = {lab: [_gap(r, higher_is_better) for r in rs] for lab, rs in runs.items()}
-    matched = {lab: [_at_matched(r, target) for r in rs] for lab, rs in runs.items()}
     rows: dict[str, GeneralisationRow] = {}
     for lab, rs in runs.items():
-        at = [m for _, m in matched[lab]]
         vs_base = base is not None and lab != base
+        if vs_base and [r["seed"] for r in rs] != [r["seed"] for r in runs[base]]:
+            raise ValueError(f"{lab} and {base} were run on different seeds.")
+        target = matched_loss(rs, runs[base] if vs_base else None)
+        matched = [_at_matched(r, target) for r in rs]
+        at = [m for _, m in matched]
+        base_at = [_at_matched(r, target)[1] for r in runs[base]] if vs_base else []
         rows[lab] = GeneralisationRow(
             gap=gaps[lab],
             gap_mean=stats.mean_std(gaps[lab])[0],
@@ -95,24 +106,23 @@ def summarize(group: GroupRecord, higher_is_better: bool, base: str | None) -> G
             train_metric_mean=stats.mean_std([nan_if_none(r.get("train_eval_metric")) for r in rs])[
                 0
             ],
-            matched_epoch=[e for e, _ in matched[lab]],
+            matched_train_loss=target,
+            matched_epoch=[e for e, _ in matched],
             matched_test_metric=at,
             matched_mean=stats.mean_std(at)[0],
             matched_std=stats.mean_std(at)[1],
-            matched_paired=(
-                stats.paired(at, [m for _, m in matched[base]], higher_is_better)
-                if vs_base
-                else None
-            ),
+            matched_paired=stats.paired(at, base_at, higher_is_better) if vs_base else None,
         )
     stats.add_holm({lab: r["gap_paired"] for lab, r in rows.items()})
     stats.add_holm({lab: r["matched_paired"] for lab, r in rows.items()})
-    return Generalisation(matched_train_loss=target, optimizers=rows)
+    return Generalisation(optimizers=rows)
 
 
 def _delta(p: Paired | None, scale: float, dig: int) -> str:
     if p is None:
         return "(baseline)"
+    if p["n"] == 0:
+        return "— (n=0)"
     if p["n"] < 2 or not np.isfinite(p["ci95"][0]):
         return f"{p['diff_mean'] * scale:+.{dig}f} (n={p['n']})"
     lo, hi = p["ci95"]
@@ -141,14 +151,16 @@ def format_table(g: Generalisation, metric: str) -> str:
         f"gap ({unit}, + = test worse)",
         "Δ gap [95 % CI] (+ = smaller)",
         "p / p_Holm (gap)",
-        f"test {metric} at train loss <= {g['matched_train_loss']:.4g}",
-        "runs reaching it",
+        "L* (train loss)",
+        f"test {metric} at train loss <= L*",
+        "runs reaching L*",
         f"Δ at matched loss ({unit}) [95 % CI]",
         "p / p_Holm (matched)",
     ]
     rows: list[list[Any]] = [head]
     for lab, r in g["optimizers"].items():
         reached = sum(e is not None for e in r["matched_epoch"])
+        pairs = "" if r["matched_paired"] is None else f" ({r['matched_paired']['n']} pairs)"
         rows.append(
             [
                 lab,
@@ -156,8 +168,9 @@ def format_table(g: Generalisation, metric: str) -> str:
                 ms(r["gap_mean"], r["gap_std"]),
                 _delta(r["gap_paired"], scale, dig),
                 _p(r["gap_paired"]),
+                f"{r['matched_train_loss']:.4g}",
                 ms(r["matched_mean"], r["matched_std"]),
-                f"{reached}/{len(r['matched_epoch'])}",
+                f"{reached}/{len(r['matched_epoch'])}{pairs}",
                 _delta(r["matched_paired"], scale, dig),
                 _p(r["matched_paired"]),
             ]
@@ -171,13 +184,13 @@ def format_table(g: Generalisation, metric: str) -> str:
     return "\n".join(lines)
 
 
-def header(g: Generalisation, base: str | None, metric: str) -> str:
+def header(base: str | None, metric: str) -> str:
     """The sentence above :func:`format_table`."""
     return (
         f"Generalisation (vs {base or 'no baseline'}): gap = the tested weights' {metric} on the "
-        "training split (evaluation mode) against their test "
-        f"{metric}; matched train loss L* = {g['matched_train_loss']:.4g} (the largest, over "
-        "optimizers, of the median over seeds of each run's lowest epoch-mean train loss), "
-        "test metric after the first epoch at or below it (recorded per epoch, read only "
-        "here). Paired per seed; Holm over each column's rows."
+        f"training split (evaluation mode) against their test {metric}; L* per row = the larger "
+        "of the row's and the baseline's median over seeds of each run's lowest epoch-mean "
+        "train loss, and the test metric after each run's first epoch at or below it "
+        "(recorded per epoch, read only here). Paired per seed (pairs where both runs reach "
+        "L*); Holm over each column's rows."
     )

@@ -256,7 +256,7 @@ def summarize_and_write(result: Report, name: str, wall: float) -> Report:
             gen = generalisation.summarize(g, task["higher_is_better"], base)
             g["summary"]["generalisation"] = dict(gen)
             text += (
-                f"\n\n{generalisation.header(gen, base, task['metric'])}\n\n"
+                f"\n\n{generalisation.header(base, task['metric'])}\n\n"
                 f"{generalisation.format_table(gen, task['metric'])}"
             )
         texts.append(text)
