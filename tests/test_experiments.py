@@ -609,6 +609,24 @@ def test_merge_pools_seeds_like_one_run(tmp_path, capsys):
     assert "chosen learning rates" in capsys.readouterr().err
 
 
+def test_merge_of_reports_without_step_losses_plots_epoch_means(tmp_path, capsys):
+    # The evidence presets drop per-step losses; merging their sittings must still
+    # write the figure (from per-epoch means) and say why "steps to" is empty.
+    common = [
+        "--task", "regression_mlp", "--model", "8", "--optimizers", "adam", "caadam_depth",
+        "--epochs", "3", "--lr-grid", "1", "--output-dir", str(tmp_path), "--no-progress",
+        "--no-step-losses",
+    ]  # fmt: skip
+    for name, seed in (("a", "0"), ("b", "1")):
+        assert main([*common, "--seeds", seed, "--name", name]) == 0
+    parts = [str(tmp_path / "a.json"), str(tmp_path / "b.json")]
+    assert main(["--merge", *parts, "--name", "m", "--output-dir", str(tmp_path)]) == 0
+    assert (tmp_path / "m.png").read_bytes().startswith(PNG_MAGIC)
+    assert "not available: no per-step losses" in (tmp_path / "m.md").read_text()
+    merged = json.loads((tmp_path / "m.json").read_text())
+    assert merged["config"]["seeds"] == [0, 1]
+
+
 def test_missing_fashion_mnist_exits_2_with_install_hint(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(data_lib.FASHION_MNIST_ENV, str(tmp_path))  # an empty folder
     code = main(["--epochs", "1", "--output-dir", str(tmp_path), "--no-progress"])

@@ -100,11 +100,17 @@ def plot_results(result: Report, title: str, path: Path) -> None:
     for row, g in zip(axes, groups, strict=True):
         summ = g["summary"]
         window = summ["smoothing_steps"]
+        # Reports written with --no-step-losses keep per-epoch means only.
+        per_step = any(r["train_loss_steps"] for rs in g["runs"].values() for r in rs)
         for lab, rs in g["runs"].items():
             c = colors[lab]
-            spe = rs[0]["steps_per_epoch"]
-            mean, lo, hi = _band(_padded([smoothed(r["train_loss_steps"], window) for r in rs]))
-            x = np.arange(1, len(mean) + 1) / spe
+            if per_step:
+                curves = [smoothed(r["train_loss_steps"], window) for r in rs]
+                per_x = rs[0]["steps_per_epoch"]
+            else:
+                curves, per_x = [r["train_loss"] for r in rs], 1
+            mean, lo, hi = _band(_padded(curves))
+            x = np.arange(1, len(mean) + 1) / per_x
             lr = summ["optimizers"][lab]["lr"]
             row[0].plot(x, mean, color=c, lw=1.3, label=f"{lab} (lr {lr:.3g})")
             row[0].fill_between(x, lo, hi, color=c, alpha=0.18, lw=0)
@@ -132,9 +138,8 @@ def plot_results(result: Report, title: str, path: Path) -> None:
         if np.all(ys[np.isfinite(ys)] > 0):
             row[0].set_yscale("log")
             _plain_log(row[0].yaxis, ys)
-        row[0].set(
-            title=f"{g['model']}: train loss ({window}-step mean)", xlabel="epoch", ylabel="loss"
-        )
+        how = f"{window}-step mean" if per_step else "epoch mean"
+        row[0].set(title=f"{g['model']}: train loss ({how})", xlabel="epoch", ylabel="loss")
         row[1].set(
             title=f"validation {_METRIC.get(metric, metric)} after each epoch",
             xlabel="epoch",

@@ -177,7 +177,11 @@ def format_table(summary: Summary, metric: str, restore_best: bool) -> str:
         "d_z",
         "test weights: epoch",
         "train loss (that epoch)",
-        f"steps to {base}'s final train loss ({w}-step mean, {_fmt(target, 3)})",
+        (
+            f"steps to {base}'s final train loss ({w}-step mean, {_fmt(target, 3)})"
+            if np.isfinite(target)
+            else f"steps to {base}'s final train loss (not available: no per-step losses)"
+        ),
         "ms/step per run (median, IQR)",
     ]
     rows = [head]
