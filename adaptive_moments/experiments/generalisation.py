@@ -21,11 +21,11 @@ Two views of "generalises better" beside the test metric itself:
 from __future__ import annotations
 
 import math
-from typing import Any, TypedDict
+from typing import TypedDict
 
 import numpy as np
 
-from adaptive_moments.experiments import stats
+from adaptive_moments.experiments import markdown, stats
 from adaptive_moments.experiments.records import GroupRecord, Paired, RunRecord, nan_if_none
 
 
@@ -157,7 +157,7 @@ def format_table(g: Generalisation, metric: str) -> str:
         f"Δ at matched loss ({unit}) [95 % CI]",
         "p / p_Holm (matched)",
     ]
-    rows: list[list[Any]] = [head]
+    rows: list[list[str]] = [head]
     for lab, r in g["optimizers"].items():
         reached = sum(e is not None for e in r["matched_epoch"])
         pairs = "" if r["matched_paired"] is None else f" ({r['matched_paired']['n']} pairs)"
@@ -175,13 +175,7 @@ def format_table(g: Generalisation, metric: str) -> str:
                 _p(r["matched_paired"]),
             ]
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    lines = [
-        "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
-        for row in rows
-    ]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
+    return markdown.table(rows)
 
 
 def header(base: str | None, metric: str) -> str:

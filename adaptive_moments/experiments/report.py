@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from adaptive_moments.experiments import generalisation, stats
+from adaptive_moments.experiments import generalisation, markdown, stats
 from adaptive_moments.experiments.records import (
     GroupRecord,
     OptimizerSummary,
@@ -223,12 +223,7 @@ def format_table(summary: Summary, metric: str, restore_best: bool) -> str:
                 ms,
             ]
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    lines = [
-        "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows
-    ]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
+    return markdown.table(rows)
 
 
 def summarize_and_write(result: Report, name: str, wall: float) -> Report:

@@ -23,7 +23,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -239,26 +239,21 @@ class ModelSetup:
         self.num_params = int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(params0)))
         self.train_dev = {k: jnp.asarray(v) for k, v in data.train.items()}
         self.val_eval = Evaluator(task, self.graphdef, data.val, cfg.eval_batch_size)
-        self._test_eval: Evaluator | None = None
-        self._train_eval: Evaluator | None = None
+        self._evaluators: dict[str, Evaluator] = {}
         self.batching = batching_mode(task, cfg)
         self._programs: dict[tuple[str, float, int], Any] = {}
 
-    def test_evaluator(self) -> Evaluator:
-        # Built on first use: the test split is touched only at the very end.
-        if self._test_eval is None:
-            self._test_eval = Evaluator(
-                self.task, self.graphdef, self.data.test, self.cfg.eval_batch_size
-            )
-        return self._test_eval
+    def evaluator(self, split: Literal["test", "train"]) -> Evaluator:
+        """The test split, or the training split in evaluation mode (``cfg.generalisation``).
 
-    def train_evaluator(self) -> Evaluator:
-        """The training split in evaluation mode (``cfg.generalisation`` only)."""
-        if self._train_eval is None:
-            self._train_eval = Evaluator(
-                self.task, self.graphdef, self.data.train, self.cfg.eval_batch_size
+        Built on first use: the test split is touched only at the very end (with
+        ``cfg.generalisation``, after every epoch for the report's column).
+        """
+        if split not in self._evaluators:
+            self._evaluators[split] = Evaluator(
+                self.task, self.graphdef, getattr(self.data, split), self.cfg.eval_batch_size
             )
-        return self._train_eval
+        return self._evaluators[split]
 
     def program(
         self, spec: OptimizerSpec, base_lr: float, args: tuple[Any, ...]
@@ -408,7 +403,7 @@ def _train_program(
             times.append(time.perf_counter() - t0)
             vl, vm = setup.val_eval(params, rest)
             # Recorded for the matched-train-loss column only; no choice reads it.
-            tm = setup.test_evaluator()(params, rest)[1] if cfg.generalisation else None
+            tm = setup.evaluator("test")(params, rest)[1] if cfg.generalisation else None
             keep = np.zeros(k, bool)
             for j, cb in enumerate(cbs):
                 if not active[j]:
@@ -488,12 +483,12 @@ def evaluate_test(setup: ModelSetup, results: list[TrialResult]) -> None:
         return
     params = _stack([r.weights[0] for r in results])
     rest = _stack([r.weights[1] for r in results])
-    loss, metric = setup.test_evaluator()(params, rest)
+    loss, metric = setup.evaluator("test")(params, rest)
     for r, lo, m in zip(results, loss, metric, strict=True):
         r.record["test_loss"] = float(lo)
         r.record["test_metric"] = float(m)
     if setup.cfg.generalisation:  # the same weights on the training split
-        loss, metric = setup.train_evaluator()(params, rest)
+        loss, metric = setup.evaluator("train")(params, rest)
         for r, lo, m in zip(results, loss, metric, strict=True):
             r.record["train_eval_loss"] = float(lo)
             r.record["train_eval_metric"] = float(m)
