@@ -151,6 +151,22 @@ def test_set_adam_per_slice_overflow_under_jit_and_a_stacked_table():
     np.testing.assert_allclose(np.asarray(u["w"][1]), np.asarray(alone["w"][0]), rtol=1e-4)
 
 
+def test_set_adam_overflow_of_one_leaf_leaves_the_others_unchanged():
+    # One rescue branch serves the whole tree: when leaf "big" overflows, the
+    # branch runs for every leaf, and "small" must keep its plain statistics.
+    small = jnp.linspace(-1.5, 1.5, 12, dtype=jnp.float32).reshape(3, 4)
+    big = jnp.linspace(0.5, 1.5, 7, dtype=jnp.float32) * 1e14
+    tx = am.set_adam(1.0)
+    both, _ = jax.jit(tx.update)(
+        {"small": small, "big": big}, tx.init({"small": small, "big": big})
+    )
+    alone, _ = jax.jit(tx.update)({"small": small}, tx.init({"small": small}))
+    big_alone, _ = tx.update({"big": big / 1e14}, tx.init({"big": big}))
+    assert _all_finite(both)
+    np.testing.assert_array_equal(np.asarray(both["small"]), np.asarray(alone["small"]))
+    np.testing.assert_allclose(np.asarray(both["big"]), np.asarray(big_alone["big"]), rtol=1e-5)
+
+
 # ---------------------------------------------------------------------------
 # 3. complex parameters
 
