@@ -146,6 +146,19 @@ def test_claims_name_reports_and_optimizers_that_exist():
         assert f"--name {c.evidence}" in c.command
 
 
+def test_a_split_command_searches_once_and_merges_every_sitting():
+    base = "python -m adaptive_moments.experiments --preset p --output-dir evidence --name ev"
+    steps = claims._sittings_command(base, "ev", ((0,), (1, 2), (3, 4, 5))).split("`, then `")
+    assert steps[0] == base.replace("--name ev", "--name ev_s0") + " --seeds 0"
+    assert steps[1].endswith("--name ev_s12 --seeds 1 2 --lr-from evidence/ev_s0.json")
+    assert steps[2].endswith("--name ev_s3-5 --seeds 3 4 5 --lr-from evidence/ev_s0.json")
+    assert steps[3] == (
+        "python -m adaptive_moments.experiments --merge evidence/ev_s0.json evidence/ev_s12.json "
+        "evidence/ev_s3-5.json --output-dir evidence --name ev"
+    )
+    assert claims._sittings_command(base, "ev", ()) == base
+
+
 # -- fixed-rate specs and later sittings --------------------------------------------
 
 

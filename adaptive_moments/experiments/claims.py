@@ -81,22 +81,26 @@ _MLP_PAPER = {
 }
 
 
-# Parts too long for one sitting: the search on seeds 0-1 first, the other
-# seeds later at the rates chosen there (--lr-from), then merged.
+# Parts too long for one sitting: the search on the first sitting's seeds,
+# the other seeds later at the rates chosen there (--lr-from), then merged.
 _MLP_SPLIT = {"e": ((0, 1), (2, 3, 4, 5, 6), (7, 8, 9, 10, 11))}
 
 
-def _mlp_command(part: str, models: tuple[str, ...]) -> str:
-    """The command(s) of one part, as Markdown code spans joined by "then" (the
-    report table puts the whole in one code span)."""
-    flags = "".join(f"--model {m} " for m in models)
-    if part not in _MLP_SPLIT:
-        return _MLP_CMD.format(models=flags, part=part)
-    name = f"caadam_mlp_diamonds_{part}"
+def _sittings_command(command: str, name: str, sittings: tuple[tuple[int, ...], ...]) -> str:
+    """``command`` (writing ``evidence/<name>.json``) split into sittings of
+    the given seeds and a merge, as Markdown code spans joined by "then" (the
+    report table puts the whole in one code span); unsplit without sittings."""
+    if not sittings:
+        return command
     steps, files = [], []
-    for seeds in _MLP_SPLIT[part]:
-        suffix = f"_s{seeds[0]}{seeds[-1]}" if len(seeds) == 2 else f"_s{seeds[0]}-{seeds[-1]}"
-        cmd = _MLP_CMD.format(models=flags, part=part + suffix)
+    for seeds in sittings:
+        if len(seeds) == 1:
+            suffix = f"_s{seeds[0]}"
+        elif len(seeds) == 2:
+            suffix = f"_s{seeds[0]}{seeds[-1]}"
+        else:
+            suffix = f"_s{seeds[0]}-{seeds[-1]}"
+        cmd = command.replace(f"--name {name}", f"--name {name}{suffix}")
         cmd += " --seeds " + " ".join(map(str, seeds))
         if files:
             cmd += f" --lr-from {files[0]}"
@@ -104,6 +108,13 @@ def _mlp_command(part: str, models: tuple[str, ...]) -> str:
         files.append(f"evidence/{name}{suffix}.json")
     merge = f"python -m adaptive_moments.experiments --merge {' '.join(files)} "
     return "`, then `".join([*steps, merge + f"--output-dir evidence --name {name}"])
+
+
+def _mlp_command(part: str, models: tuple[str, ...]) -> str:
+    """The command(s) of one MLP part."""
+    flags = "".join(f"--model {m} " for m in models)
+    command = _MLP_CMD.format(models=flags, part=part)
+    return _sittings_command(command, f"caadam_mlp_diamonds_{part}", _MLP_SPLIT.get(part, ()))
 
 
 def _mlp_claims() -> list[Claim]:
@@ -133,9 +144,13 @@ def _mlp_claims() -> list[Claim]:
     return out
 
 
-_RESNET_CMD = (
+# ResNet-20: ~40 min per seed and optimizer set (8 runs of 12 epochs), the
+# search on seed 0 another ~80 min: four sittings.
+_RESNET_CMD = _sittings_command(
     "python -m adaptive_moments.experiments --preset resnet20_evidence "
-    "--output-dir evidence --name caadam_resnet20_fmnist"
+    "--output-dir evidence --name caadam_resnet20_fmnist",
+    "caadam_resnet20_fmnist",
+    ((0,), (1, 2, 3), (4, 5, 6), (7,)),
 )
 _SET_CMD = (
     "python -m adaptive_moments.experiments --preset set_adam_evidence "
