@@ -34,7 +34,6 @@ and ``... step --leaves 2000`` (or ``step --tree resnet`` / ``--tree gpt30m``).
 from __future__ import annotations
 
 import argparse
-import gc
 import statistics
 import time
 from typing import Any, NamedTuple
@@ -44,8 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from step_time import (
-    _hlo_figures,
-    abstract_tree,
+    compile_times,
     gpt_shapes,
     materialize,
     resnet20_shapes,
@@ -131,34 +129,20 @@ def _step(opt: optax.GradientTransformation):
 
 
 def compile_mode(names: list[str], shapes: dict, reps: int) -> None:
-    abstract = abstract_tree(shapes)
     concrete = materialize(shapes, 0, 0.1)
-    n = len(jax.tree.leaves(abstract))
-    cpu: dict[str, list[float]] = {k: [] for k in names}
-    figs = {}
-    for _ in range(reps):
-        for name in names:
-            jax.clear_caches()
-            gc.collect()
-            opt = make(name, concrete)
-            t0 = time.process_time()
-            # optax.scale_by_adam mixes its int32 count with floats (see tests/conftest.py).
-            with jax.numpy_dtype_promotion("standard"):
-                state = jax.eval_shape(opt.init, abstract)
-                lowered = jax.jit(_step(opt), donate_argnums=(0, 1)).lower(
-                    abstract, state, abstract
-                )
-            compiled = lowered.compile()
-            cpu[name].append(time.process_time() - t0)
-            figs.setdefault(name, _hlo_figures(lowered, compiled, n))
-    base = statistics.median(cpu[names[0]])
+    # optax.scale_by_adam mixes its int32 count with floats (see tests/conftest.py).
+    with jax.numpy_dtype_promotion("standard"):
+        rows = compile_times(
+            names, shapes, reps, make=lambda name: make(name, concrete), base_name=names[0]
+        )
+    n = len(jax.tree.leaves(concrete))
     print(f"compile, {n} leaves: CPU s, ratio to {names[0]}, HLO figures")
-    for name in names:
-        m = statistics.median(cpu[name])
-        f = figs[name]
+    for name, r in rows.items():
         print(
-            f"  {name:<11} {m:7.2f} s {m / base:6.2f}x  HLO ops/leaf {f['hlo_ops_per_leaf']:.1f}"
-            f"  kernels/leaf {f['kernels_per_leaf']:.2f}  fused bodies {f['distinct_fused_bodies']}"
+            f"  {name:<11} {r['cpu_s']:7.2f} s {r['cpu_ratio']:6.2f}x"
+            f"  HLO ops/leaf {r['hlo_ops_per_leaf']:.1f}"
+            f"  kernels/leaf {r['kernels_per_leaf']:.2f}"
+            f"  fused bodies {r['distinct_fused_bodies']}"
         )
 
 

@@ -340,15 +340,20 @@ def abstract_tree(shapes: dict) -> dict:
 
 
 def _lower_opt_step(
-    name: str, params: dict, loss_fn: Callable | None = None, batch: Any = None
+    name: str,
+    params: dict,
+    loss_fn: Callable | None = None,
+    batch: Any = None,
+    make: Callable[[str], optax.GradientTransformation] | None = None,
 ) -> tuple[Any, Any]:
     """The candidate's abstract state and its lowered step.
 
     The optimizer-only step, or with ``loss_fn`` the whole train step
     (``value_and_grad(loss_fn)(params, batch)``, then the update). A fresh
-    optimizer and a fresh function every call: nothing is cached.
+    optimizer (``make(name)``, by default from ``CANDIDATES``) and a fresh
+    function every call: nothing is cached.
     """
-    opt = CANDIDATES[name]()
+    opt = make(name) if make is not None else CANDIDATES[name]()
     state = jax.eval_shape(opt.init, params)
     if loss_fn is None:
 
@@ -372,13 +377,16 @@ def compile_times(
     reps: int,
     loss_fn: Callable | None = None,
     batch: Any = None,
+    make: Callable[[str], optax.GradientTransformation] | None = None,
+    base_name: str = "adam",
 ) -> dict[str, dict[str, float]]:
     """Trace + lower + compile time of each candidate's step, interleaved.
 
     The optimizer-only step, or the whole train step with ``loss_fn`` and
-    ``batch`` (see :func:`_lower_opt_step`). JAX's in-memory caches are
-    cleared before every compile, so no candidate reuses another's traced or
-    lowered model code.
+    ``batch`` (see :func:`_lower_opt_step`; ``make`` builds the optimizers
+    when they are not in ``CANDIDATES``). JAX's in-memory caches are cleared
+    before every compile, so no candidate reuses another's traced or lowered
+    model code. Ratios are to ``base_name``.
     """
     params = abstract_tree(shapes)
     n_leaves = len(jax.tree.leaves(params))
@@ -392,7 +400,7 @@ def compile_times(
             jax.clear_caches()
             gc.collect()
             c0, t0 = time.process_time(), time.perf_counter()
-            _, lowered = _lower_opt_step(name, params, loss_fn, batch)
+            _, lowered = _lower_opt_step(name, params, loss_fn, batch, make)
             t1 = time.perf_counter()
             compiled = lowered.compile()
             c2, t2 = time.process_time(), time.perf_counter()
@@ -401,8 +409,8 @@ def compile_times(
             cpu[name].append(c2 - c0)
             if name not in profiles:  # from this compile: no extra one for the profile
                 profiles[name] = _hlo_figures(lowered, compiled, n_leaves)
-    base = statistics.median([a + b for a, b in zip(trace["adam"], comp["adam"])])
-    base_cpu = statistics.median(cpu["adam"])
+    base = statistics.median([a + b for a, b in zip(trace[base_name], comp[base_name])])
+    base_cpu = statistics.median(cpu[base_name])
     rows = {}
     for name in names:
         total = statistics.median([a + b for a, b in zip(trace[name], comp[name])])
@@ -562,8 +570,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds per case")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per round")
     parser.add_argument(
-        "--cases", default="all", help="comma list of: opt30m,opt125m,resnet,leaves,"
-        "train-resnet,train-gpt,compile,compile-deep,memory"
+        "--cases",
+        default="all",
+        help="comma list of: opt30m,opt125m,resnet,leaves,"
+        "train-resnet,train-gpt,compile,compile-deep,memory",
     )
     parser.add_argument("--compile-reps", type=int, default=None, help="compiles per candidate")
     parser.add_argument("--deep-blocks", type=int, default=24, help="blocks of compile-deep")
@@ -617,8 +627,7 @@ def main(argv: list[str] | None = None) -> int:
         target_of = _no_target_for_adam(target_of)
         print(f"\n{title}")
         print(
-            f"  {'optimizer':<22} {'median ms':>10} {'IQR ms':>17} {'ratio':>10} "
-            f"{'cpu ratio':>10}"
+            f"  {'optimizer':<22} {'median ms':>10} {'IQR ms':>17} {'ratio':>10} {'cpu ratio':>10}"
         )
         for name, r in rows.items():
             t = target_of(name)
