@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -296,7 +297,8 @@ def test_summary_signs_pairs_and_table_wording():
     assert c["steps_to_target"] == [2, 2, 2]
     assert c["ms_per_step"] == pytest.approx(1000 * 1.0 / (2 * 2))
     table = report.format_table(s, "rmse", restore_best=False)
-    assert "CI [" in table and "(baseline)" in table and "± 0.0000" not in table
+    assert re.search(r"[+-]\d\.\d{4} \[[+-]\d\.\d{4}, [+-]\d\.\d{4}\]", table)
+    assert "(baseline)" in table and "± 0.0000" not in table
     # One seed: "n=1", never "± 0.0000".
     one = {"search": {}, "runs": {k: v[:1] for k, v in group["runs"].items()}}
     t1 = report.format_table(report.summarize(one, False, None), "rmse", restore_best=False)

@@ -118,21 +118,10 @@ def summarize(group: GroupRecord, higher_is_better: bool, base: str | None) -> G
     return Generalisation(optimizers=rows)
 
 
-def _delta(p: Paired | None, scale: float, dig: int) -> str:
-    if p is None:
-        return "(baseline)"
-    if p["n"] == 0:
-        return "— (n=0)"
-    if p["n"] < 2 or not np.isfinite(p["ci95"][0]):
-        return f"{p['diff_mean'] * scale:+.{dig}f} (n={p['n']})"
-    lo, hi = p["ci95"]
-    return f"{p['diff_mean'] * scale:+.{dig}f} [{lo * scale:+.{dig}f}, {hi * scale:+.{dig}f}]"
-
-
 def _p(p: Paired | None) -> str:
-    if p is None or not np.isfinite(p["p"]):
+    if p is None:
         return "—"
-    return f"{p['p']:.2g} / {p['p_holm']:.2g}"
+    return f"{markdown.p_value(p['p'])} / {markdown.p_value(p['p_holm'])}"
 
 
 def format_table(g: Generalisation, metric: str) -> str:
@@ -166,12 +155,12 @@ def format_table(g: Generalisation, metric: str) -> str:
                 lab,
                 ms(r["train_metric_mean"], math.nan),
                 ms(r["gap_mean"], r["gap_std"]),
-                _delta(r["gap_paired"], scale, dig),
+                markdown.delta(r["gap_paired"], scale, dig),
                 _p(r["gap_paired"]),
                 f"{r['matched_train_loss']:.4g}",
                 ms(r["matched_mean"], r["matched_std"]),
                 f"{reached}/{len(r['matched_epoch'])}{pairs}",
-                _delta(r["matched_paired"], scale, dig),
+                markdown.delta(r["matched_paired"], scale, dig),
                 _p(r["matched_paired"]),
             ]
         )

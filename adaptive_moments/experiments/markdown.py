@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
+from adaptive_moments.experiments.records import Paired
+
 
 def table(rows: list[list[str]]) -> str:
     """``rows[0]`` as the header, every column padded to its widest cell."""
@@ -11,3 +15,25 @@ def table(rows: list[list[str]]) -> str:
     ]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
+
+
+def delta(p: Paired | None, scale: float, digits: int) -> str:
+    """A paired difference times ``scale``: ``+d [lo, hi]`` (its 95 % CI),
+    ``+d (n=1)`` without an interval, ``(baseline)`` for the baseline row."""
+    if p is None:
+        return "(baseline)"
+    if p["n"] == 0:
+        return "— (n=0)"
+    lo, hi = p["ci95"]
+    if p["n"] < 2 or not math.isfinite(lo):
+        return f"{p['diff_mean'] * scale:+.{digits}f} (n={p['n']})"
+    return (
+        f"{p['diff_mean'] * scale:+.{digits}f} [{lo * scale:+.{digits}f}, {hi * scale:+.{digits}f}]"
+    )
+
+
+def p_value(p: float | None) -> str:
+    """Two significant digits below 0.01, three decimals above; ``—`` if none."""
+    if p is None or not math.isfinite(p):
+        return "—"
+    return f"{p:.2g}" if p < 0.01 else f"{p:.3f}"

@@ -128,12 +128,6 @@ def _fmt(x: float | None, digits: int = 4) -> str:
     return "—" if x is None or not np.isfinite(x) else f"{x:.{digits}f}"
 
 
-def _fmt_p(p: float | None) -> str:
-    if p is None or not np.isfinite(p):
-        return "—"
-    return f"{p:.2g}" if p < 0.01 else f"{p:.3f}"
-
-
 def _epochs(r: OptimizerSummary, restore_best: bool) -> str:
     lo, hi = min(r["test_epoch"]), max(r["test_epoch"])
     span = f"{lo}" if lo == hi else f"{lo}-{hi}"
@@ -190,14 +184,6 @@ def format_table(summary: Summary, metric: str, restore_best: bool) -> str:
         test = _fmt(s["test_metric_mean"])
         test += f" ± {_fmt(s['test_metric_std'])}" if n > 1 else " (n=1)"
         pr = s["paired"]
-        if pr is None:
-            delta = "(baseline)"
-        elif pr["n"] < 2:
-            delta = f"{pr['diff_mean'] * scale:+.{dig}f} (n={pr['n']})"
-        else:
-            lo, hi = pr["ci95"]
-            ci = "—" if not np.isfinite(lo) else f"[{lo * scale:+.{dig}f}, {hi * scale:+.{dig}f}]"
-            delta = f"{pr['diff_mean'] * scale:+.{dig}f} CI {ci}"
         hits = s["steps_to_target"]
         reached = sum(h is not None for h in hits)
         steps = _fmt(s["steps_to_target_mean"], 0)
@@ -212,10 +198,10 @@ def format_table(summary: Summary, metric: str, restore_best: bool) -> str:
                 lab + (f" (diverged: {s['diverged']} of {n} runs)" if s["diverged"] else ""),
                 lr,
                 test,
-                delta,
+                markdown.delta(pr, scale, dig),
                 "—" if not np.isfinite(rel) else f"{rel:+.2f}",
-                _fmt_p(pr["p"]) if pr else "—",
-                _fmt_p(pr["p_holm"]) if pr else "—",
+                markdown.p_value(pr["p"]) if pr else "—",
+                markdown.p_value(pr["p_holm"]) if pr else "—",
                 _fmt(pr["d_z"], 2) if pr else "—",
                 _epochs(s, restore_best),
                 _fmt(s["train_loss_at_test_epoch"]),
