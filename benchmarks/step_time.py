@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import math
 import os
@@ -563,6 +564,23 @@ def _fmt_ratio(r: float, target: float | None) -> str:
     return f"{r:5.3f}{mark}"
 
 
+def add_ab_candidates(path: str) -> list[str]:
+    """Adds ``<name>_ab`` for every candidate the module file at ``path`` defines."""
+    spec = importlib.util.spec_from_file_location("_ab_module", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"--ab: cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    added = []
+    for name in list(CANDIDATES):
+        if callable(getattr(module, name, None)):
+            CANDIDATES[f"{name}_ab"] = lambda f=getattr(module, name): f(LR)
+            added.append(f"{name}_ab")
+    if not added:
+        raise SystemExit(f"--ab: {path} defines none of {sorted(CANDIDATES)}")
+    return added
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="few rounds, small cases only")
@@ -580,7 +598,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deep-width", type=int, default=32, help="width d of compile-deep")
     parser.add_argument("--only", default=None, help="comma list of candidates (adam is added)")
     parser.add_argument("--out", default="results/step_time.json")
+    parser.add_argument(
+        "--ab",
+        default=None,
+        metavar="FILE",
+        help="A/B against another version: a copy of one of the library's modules (e.g. "
+        "`git show REV:adaptive_moments/_set_adam.py > old.py`); each candidate it defines "
+        "(set_adam, exadam) joins as <name>_ab, interleaved with the current one",
+    )
     args = parser.parse_args(argv)
+    if args.ab:
+        add_ab_candidates(args.ab)
 
     names = list(CANDIDATES)
     if args.only:
