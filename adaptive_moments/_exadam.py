@@ -81,7 +81,7 @@ def scale_by_exadam(
             # Each cross factor 1 + b^t x/(x+e), written 1 + b^t - b^t e/(x+e)
             # (x = inf, where |g|^2 or m^2 overflowed, gives 1 + b^t instead
             # of inf/inf = NaN), times its bias correction 1/(1 - beta^t):
-            # a + b e/(x+e) with per-dtype scalars a, b.
+            # a + c e/(x+e) with per-dtype scalars a, c.
             a1, c1 = (1 + b2t) * inv_bc1, -b2t * inv_bc1  # m and g: uses v
             a2, c2 = (1 + b1t) * inv_bc2, -b1t * inv_bc2  # v: uses m
             return a1, c1, a2, c2, jnp.asarray(eps, cd), log_factor

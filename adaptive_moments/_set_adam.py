@@ -84,9 +84,12 @@ def layer_statistics(
         vmin = jax.lax.pmin(vmin, mesh_axes)
         d = d * jax.lax.psum(1, mesh_axes)
     d = jnp.asarray(d, v.dtype)
-    # mean * sum rather than sum^2 / d (the reference's order): squaring
-    # sum(v) first would overflow sqrt(d) times earlier than sum(v^2).
-    s = ((s1 / d) * s1) / (s2 + guard)
+    # mean * (sum / sum of squares) rather than sum^2 / d / sum of squares
+    # (the reference's order): no intermediate overflows (or underflows for
+    # tiny v) before sum(v^2) does, and where sum(v^2) = inf the plain s is
+    # 0 rather than inf/inf, so jax.grad through an overflowed layer's update
+    # sees no NaN in the branch that `where` discards.
+    s = (s1 / d) * (s1 / (s2 + guard))
     return s, vmin, ~jnp.isfinite(s2), d
 
 
@@ -112,13 +115,15 @@ def scaled_cosine(
     """
     axes = tuple(i for i in range(v.ndim) if i != stack_axis)
     c = jnp.asarray(overflow_scale(v.dtype), v.dtype)
-    vc = v * c
+    # The barrier keeps XLA from rewriting (v c)(v c) as (v v)(c c), which
+    # overflows again (inf * 0 = NaN; seen on a one-element shard).
+    vc = jax.lax.optimization_barrier(v * c)
     s1c = jnp.sum(vc, axis=axes, keepdims=True)
     s2c = jnp.sum(vc * vc, axis=axes, keepdims=True)
     if mesh_axes:
         s1c, s2c = jax.lax.psum((s1c, s2c), mesh_axes)
     # The guard scales by c^2 too (it underflows to 0: negligible here).
-    s_c = ((s1c / d) * s1c) / (s2c + guard * c * c)
+    s_c = (s1c / d) * (s1c / (s2c + guard * c * c))
     # An inf v (|g|^2 overflowed) leaves no meaningful cosine: s = 1, and
     # that element's step is m / inf = 0, as optax.adam's is.
     return jnp.where(jnp.isnan(s_c), 1, s_c).astype(v.dtype)
@@ -260,11 +265,15 @@ def scale_by_set_adam(
 
         # (1) down-scaling: s = cos^2(v, 1), per layer. A layer whose
         # sum(v^2) overflowed takes s from the sums of c * v (c a power of
-        # two: exact). One lax.cond for the whole tree, not one per layer:
-        # the rescue is rare, and per-layer conds cost four small kernels per
-        # leaf on every step (~3 % of the step, BUILD_NOTES) and compile time.
-        # Inside shard_map the predicate is OR-ed over every named mesh axis,
-        # so all devices that share a layer's all-reduces take one branch.
+        # two: exact). On the path always taken, one lax.cond for the whole
+        # tree: per-layer conds there cost four small kernels per leaf on
+        # every step (~5 % of the step, BUILD_NOTES). Inside its branch, one
+        # cond per layer, so that while a layer stays overflowed (v decays
+        # by b2 per step: thousands of steps after a spike) only that layer
+        # pays for the scaled sums. Inside shard_map the tree-wide predicate
+        # is OR-ed over every named mesh axis, so all devices that share a
+        # layer's all-reduces take one branch; a layer's own predicate comes
+        # from its reduced sums, so its group agrees too.
         active = [x for x in layers_of if x is not None]
         plain = [x.s for x in active]
         s_of = plain
@@ -273,18 +282,25 @@ def scale_by_set_adam(
             # carry different shardings (explicit-sharding meshes refuse to
             # concatenate them).
             any_overflow = functools.reduce(jnp.logical_or, [jnp.any(x.overflow) for x in active])
-            named = tuple(sorted({a for x in active for a in x.mesh}))
+            named = tuple(dict.fromkeys(a for x in active for a in x.mesh))
             if named:
                 any_overflow = jax.lax.pmax(any_overflow.astype(jnp.int32), named) > 0
 
+            def rescue(x: _Layer, v: jax.Array) -> jax.Array:
+                # Per slice of a stacked leaf: only the overflowed ones change.
+                # The others see v = 1/c, whose scaled sums are finite: their
+                # v would underflow to 0/0, and although `where` discards that
+                # value, its NaN derivative would reach jax.grad through the
+                # update.
+                c = jnp.asarray(overflow_scale(v.dtype), v.dtype)
+                safe = jnp.where(x.overflow, v, 1 / c)
+                s_c = scaled_cosine(safe, x.stack_axis, x.mesh, scalars(v.dtype)[4], x.d)
+                return jnp.where(x.overflow, s_c, x.s)
+
             def rescued(vs):
-                # Per layer (and per slice of a stacked leaf): only the
-                # overflowed ones change.
                 return [
-                    jnp.where(
-                        x.overflow,
-                        scaled_cosine(v, x.stack_axis, x.mesh, scalars(v.dtype)[4], x.d),
-                        x.s,
+                    jax.lax.cond(
+                        jnp.any(x.overflow), functools.partial(rescue, x), lambda v, x=x: x.s, v
                     )
                     for x, v in zip(active, vs, strict=True)
                 ]

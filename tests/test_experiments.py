@@ -81,7 +81,9 @@ def _check_outputs(result: dict, cfg: ExperimentConfig, capsys) -> dict:
     labels = [parse_optimizer(s).label for s in cfg.optimizers]
     for lab in labels:
         assert any(line.startswith(f"| {lab} ") for line in out.splitlines()), out
-    assert "+ = better" in out and " CI " in out
+    assert "+ = better" in out and "[95 % CI]" in out
+    # a paired difference with its interval: "+d [lo, hi]"
+    assert re.search(r"[+-]\d+\.\d+ \[[+-]\d+\.\d+, [+-]\d+\.\d+\]", out), out
 
     with open(result["paths"]["json"]) as f:
         loaded = json.load(f)  # strict JSON: NaN was written as null

@@ -167,6 +167,47 @@ def test_set_adam_overflow_of_one_leaf_leaves_the_others_unchanged():
     np.testing.assert_allclose(np.asarray(both["big"]), np.asarray(big_alone["big"]), rtol=1e-5)
 
 
+def test_set_adam_grad_through_update_stays_finite_beside_an_overflowed_leaf():
+    # Meta-learning differentiates through the update: the rescue branch must
+    # not feed a NaN derivative (0/0 of underflowed scaled sums) to the leaves
+    # (or slices) that did not overflow.
+    small = {"b": jnp.array([0.5, -1.0, 2.0]), "w": jnp.array([[0.3, -0.2, 0.1], [1.0, 2.0, 3.0]])}
+    big = {"a": jnp.full((3,), 1e13), **small}
+    tx = am.scale_by_set_adam(layers=am.layer_table(big, stack_axes={"w": 0}))
+    big["w"] = small["w"].at[1].multiply(1e13)  # slice 1 overflows, slice 0 does not
+    for grads, label in ((big, "overflowed"), ({"a": jnp.ones(3), **small}, "plain")):
+        state = tx.init(grads)
+
+        def loss(g, state=state):
+            u = tx.update(g, state)[0]
+            return jnp.sum(u["b"] * jnp.arange(3.0)) + jnp.sum(u["w"][0])
+
+        d = jax.jit(jax.grad(loss))(grads)
+        assert _all_finite(d), label
+        if label == "overflowed":
+            got = d
+        else:
+            want = d
+    np.testing.assert_allclose(np.asarray(got["b"]), np.asarray(want["b"]), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(got["w"][0]), np.asarray(want["w"][0]), rtol=1e-6)
+
+
+def test_set_adam_overflow_on_one_element_shards():
+    # A 2x2 layer over a 2x2 mesh: one element per device. XLA must not turn
+    # the scaled (v c)^2 back into an overflowing v^2 c^2 (inf * 0 = NaN).
+    mesh = jax.make_mesh((2, 2), ("x", "y"))
+    g = jnp.array([[1.0, 2.0], [3.0, 4.0]]) * 1e13
+    tx = am.scale_by_set_adam(axis_name=("x", "y"))
+    spec = P("x", "y")
+    u = jax.jit(
+        jax.shard_map(
+            lambda g: tx.update(g, tx.init(g))[0], mesh=mesh, in_specs=(spec,), out_specs=spec
+        )
+    )(jax.device_put(g, NamedSharding(mesh, spec)))
+    want, _ = am.scale_by_set_adam().update(g / 1e13, am.scale_by_set_adam().init(g))
+    np.testing.assert_allclose(np.asarray(u), np.asarray(want), rtol=1e-5)
+
+
 # ---------------------------------------------------------------------------
 # 3. complex parameters
 
