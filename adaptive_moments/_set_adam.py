@@ -1,6 +1,5 @@
 """SET-Adam: Adam with the range of adaptive stepsizes suppressed per layer."""
 
-import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -106,12 +105,12 @@ def scaled_cosine(
     12-element layer: fp16 loss scaling, loss spikes), and a NaN update then
     makes ``optax.apply_if_finite`` skip every step. ``s`` is scale-invariant,
     so the sums of ``c * v`` (exact scaling: c is a power of two) give it
-    without overflow. The update computes them only when some layer
-    overflowed (one ``lax.cond`` for the whole tree; only the overflowed
-    layers take its result): XLA:CPU runs each float reduction as its own
-    loop, and two more on every step made SET-Adam 3.2x optax.adam's step
-    time instead of 1.3x on the benchmark's 30M tree. The plain statistics'
-    all-reduces, on the path always taken, stay combined across layers.
+    without overflow. The update computes them only for a layer that
+    overflowed (a ``lax.cond`` per layer): XLA:CPU runs each float reduction
+    as its own loop, and two more on every step made SET-Adam 3.2x
+    optax.adam's step time instead of 1.3x on the benchmark's 30M tree. The
+    plain statistics' all-reduces, on the path always taken, stay combined
+    across layers; only the rarely taken branch reduces per layer.
     """
     axes = tuple(i for i in range(v.ndim) if i != stack_axis)
     c = jnp.asarray(overflow_scale(v.dtype), v.dtype)
@@ -135,18 +134,6 @@ def scaled_cosine(
 # Added to sum(v^2) of the raw v in the down-scaling factor; hard-coded in the
 # reference code (docs/set_adam.md §2).
 COS_GUARD = 1e-20
-
-
-class _Layer(NamedTuple):
-    """A trained leaf's per-layer data between the update's two passes."""
-
-    stack_axis: int | None
-    mesh: tuple[str, ...]
-    v: jax.Array  # the second moment in the compute dtype, real
-    s: jax.Array  # cos^2(v, 1) from the plain sums (see layer_statistics)
-    vmin: jax.Array
-    overflow: jax.Array
-    d: jax.Array
 
 
 class ScaleBySetAdamState(NamedTuple):
@@ -242,86 +229,47 @@ def scale_by_set_adam(
             )
         )
 
-        # Pass 1, per leaf: the plain statistics (independent of each other
-        # across layers, so their all-reduces combine).
-        flat, treedef = jax.tree_util.tree_flatten_with_path(updates, is_leaf=_paths.is_none)
-        flat_m = treedef.flatten_up_to(mu)
-        flat_v = treedef.flatten_up_to(nu)
-        layers_of = []  # per leaf: None (not trained / empty) or its per-layer data
-        for (key_path, g), v in zip(flat, flat_v, strict=True):
-            if g is None or not _moments.is_trained(g) or g.size == 0:
-                layers_of.append(None)
-                continue
+        def direction(key_path, g, m, v):
+            if g is None or not _moments.is_trained(g):
+                return None  # filled by fill_untrained
+            if g.size == 0:
+                return jnp.zeros_like(g)
             path = _paths.normalize_path(key_path)
             stack_axis = None
             if table is not None:
                 stack_axis = table.lookup(path, who, g.shape).stack_axis
             mesh = axes_for(axis_name, path)
             cd = _moments.compute_dtype(g.dtype)
-            v = _moments.real_part(_moments.cast(v, cd))
-            guard = scalars(v.dtype)[4]
-            s, vmin, overflow, d = layer_statistics(v, stack_axis, mesh, guard)
-            layers_of.append(_Layer(stack_axis, mesh, v, s, vmin, overflow, d))
-
-        # (1) down-scaling: s = cos^2(v, 1), per layer. A layer whose
-        # sum(v^2) overflowed takes s from the sums of c * v (c a power of
-        # two: exact). On the path always taken, one lax.cond for the whole
-        # tree: per-layer conds there cost four small kernels per leaf on
-        # every step (~5 % of the step, BUILD_NOTES). Inside its branch, one
-        # cond per layer, so that while a layer stays overflowed (v decays
-        # by b2 per step: thousands of steps after a spike) only that layer
-        # pays for the scaled sums. Inside shard_map the tree-wide predicate
-        # is OR-ed over every named mesh axis, so all devices that share a
-        # layer's all-reduces take one branch; a layer's own predicate comes
-        # from its reduced sums, so its group agrees too.
-        active = [x for x in layers_of if x is not None]
-        plain = [x.s for x in active]
-        s_of = plain
-        if active:
-            # An OR of per-leaf scalars, not one concatenation: the flags may
-            # carry different shardings (explicit-sharding meshes refuse to
-            # concatenate them).
-            any_overflow = functools.reduce(jnp.logical_or, [jnp.any(x.overflow) for x in active])
-            named = tuple(dict.fromkeys(a for x in active for a in x.mesh))
-            if named:
-                any_overflow = jax.lax.pmax(any_overflow.astype(jnp.int32), named) > 0
-
-            def rescue(x: _Layer, v: jax.Array) -> jax.Array:
-                # Per slice of a stacked leaf: only the overflowed ones change.
-                # The others see v = 1/c, whose scaled sums are finite: their
-                # v would underflow to 0/0, and although `where` discards that
-                # value, its NaN derivative would reach jax.grad through the
-                # update.
-                c = jnp.asarray(overflow_scale(v.dtype), v.dtype)
-                safe = jnp.where(x.overflow, v, 1 / c)
-                s_c = scaled_cosine(safe, x.stack_axis, x.mesh, scalars(v.dtype)[4], x.d)
-                return jnp.where(x.overflow, s_c, x.s)
-
-            def rescued(vs):
-                return [
-                    jax.lax.cond(
-                        jnp.any(x.overflow), functools.partial(rescue, x), lambda v, x=x: x.s, v
-                    )
-                    for x, v in zip(active, vs, strict=True)
-                ]
-
-            s_of = jax.lax.cond(any_overflow, rescued, lambda vs: plain, [x.v for x in active])
-        s_iter = iter(s_of)
-
-        # Pass 2, per leaf: the element-wise step.
-        def direction(g, m, layer):
-            if layer is None:
-                if g is None or not _moments.is_trained(g):
-                    return None  # filled by fill_untrained
-                return jnp.zeros_like(g)  # an empty leaf
-            v, vmin, overflow, s = layer.v, layer.vmin, layer.overflow, next(s_iter)
-            cd = _moments.compute_dtype(g.dtype)
             rd = _moments.real_dtype(cd)
-            bc1, bc2, e, tau_cd, _ = scalars(rd)
-            # An overflowed layer has its stepsizes computed in units of c,
-            # rescaled at the end: 1/sqrt(c) (a power of two) is folded into
-            # the per-layer factor bc1, so the element-wise work is unchanged.
+            v = _moments.real_part(_moments.cast(v, cd))
+            bc1, bc2, e, tau_cd, guard = scalars(rd)
+            s_plain, vmin, overflow, d = layer_statistics(v, stack_axis, mesh, guard)
+
+            # (1) down-scaling: s = cos^2(v, 1), per layer; a layer whose
+            # sum(v^2) overflowed takes s from the scaled sums (its own
+            # lax.cond: the predicate comes from the reduced sums, so every
+            # device of the layer's group takes the same branch) and has its
+            # stepsizes computed in units of c (a power of two: exact),
+            # rescaled at the end. The plain statistics of all layers have no
+            # dependence on each other, so their all-reduces still combine.
+            # One cond per layer rather than one for the tree (measured on a
+            # quiet machine: no faster, BUILD_NOTES, step time IV), so a layer
+            # that stays overflowed for thousands of steps after a spike
+            # charges only itself for the extra sums.
+            def rescued(v):
+                # Per slice of a stacked leaf: only overflowed slices change.
+                # The others see v = 1/c, whose scaled sums are finite: their
+                # own v would underflow to 0/0, and although `where` discards
+                # that value, its NaN derivative would reach jax.grad through
+                # the update.
+                safe = jnp.where(overflow, v, jnp.asarray(1 / overflow_scale(rd), rd))
+                s_c = scaled_cosine(safe, stack_axis, mesh, guard, d)
+                return jnp.where(overflow, s_c, s_plain)
+
+            s = jax.lax.cond(jnp.any(overflow), rescued, lambda v: s_plain, v)
             c = jnp.where(overflow, jnp.asarray(overflow_scale(rd), rd), jnp.ones((), rd))
+            # 1/sqrt(c) (a power of two) rescales the denominator; folded into
+            # the per-layer factor bc1, so the element-wise work is unchanged.
             bc1 = bc1 * jnp.where(overflow, jnp.asarray(overflow_scale(rd) ** -0.5, rd), 1)
             # (2) eps inside the sqrt, after bias correction; s / bc2 is one
             # per-layer factor, so the element-wise work is one multiply-add.
@@ -336,9 +284,8 @@ def scale_by_set_adam(
             out = _moments.cast(m, cd) / den
             return _moments.cast(out, g.dtype)
 
-        new_updates = treedef.unflatten(
-            [direction(g, m, x) for (_, g), m, x in zip(flat, flat_m, layers_of, strict=True)]
-        )
+        # Leaves that are not trained get None here; fill_untrained zeros them.
+        new_updates = jax.tree.map_with_path(direction, updates, mu, nu, is_leaf=_paths.is_none)
         new_updates = _moments.fill_untrained(new_updates, updates, params)
         mu = optax.tree.cast(mu, mu_dtype)
         return new_updates, ScaleBySetAdamState(count=count, mu=mu, nu=nu)

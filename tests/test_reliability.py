@@ -152,8 +152,8 @@ def test_set_adam_per_slice_overflow_under_jit_and_a_stacked_table():
 
 
 def test_set_adam_overflow_of_one_leaf_leaves_the_others_unchanged():
-    # One rescue branch serves the whole tree: when leaf "big" overflows, the
-    # branch runs for every leaf, and "small" must keep its plain statistics.
+    # Leaf "big" overflows and takes the rescue; "small" must keep its plain
+    # statistics (bitwise: nothing of the rescue may leak into other layers).
     small = jnp.linspace(-1.5, 1.5, 12, dtype=jnp.float32).reshape(3, 4)
     big = jnp.linspace(0.5, 1.5, 7, dtype=jnp.float32) * 1e14
     tx = am.set_adam(1.0)
