@@ -157,6 +157,13 @@ def test_a_split_command_searches_once_and_merges_every_sitting():
         "evidence/ev_s3-5.json --output-dir evidence --name ev"
     )
     assert claims._sittings_command(base, "ev", ()) == base
+    # The first sitting (the search) split by optimizer, then merged.
+    split = claims._sittings_command(base, "ev", ((0,), (1,)), (("adam", "x"), ("y",)))
+    steps = split.split("`, then `")
+    assert steps[0].endswith("--name ev_s0a --seeds 0 --optimizers adam x")
+    assert steps[1].endswith("--name ev_s0b --seeds 0 --optimizers y")
+    assert steps[2].endswith("--merge evidence/ev_s0a.json evidence/ev_s0b.json --output-dir evidence --name ev_s0")
+    assert steps[3].endswith("--name ev_s1 --seeds 1 --lr-from evidence/ev_s0.json")
 
 
 # -- fixed-rate specs and later sittings --------------------------------------------

@@ -613,6 +613,41 @@ def test_merge_pools_seeds_like_one_run(tmp_path, capsys):
     assert "chosen learning rates" in capsys.readouterr().err
 
 
+def test_merge_pools_sittings_that_split_the_optimizers(tmp_path, capsys):
+    # A long search split by optimizer: sittings with different optimizers on
+    # the same seeds merge into the comparison of one run with all of them.
+    common = [
+        "--task", "regression_mlp", "--model", "8", "--epochs", "3", "--lr-grid", "1",
+        "--output-dir", str(tmp_path), "--no-progress", "--no-plot", "--seeds", "0", "1",
+    ]  # fmt: skip
+    sittings = {
+        "all": ["adam", "caadam_depth", "caadam_additive"],
+        "x": ["adam", "caadam_depth"],
+        "y": ["caadam_additive"],
+    }
+    for name, opts in sittings.items():
+        assert main([*common, "--optimizers", *opts, "--name", name]) == 0
+    parts = [str(tmp_path / "x.json"), str(tmp_path / "y.json")]
+    assert main(["--merge", *parts, "--name", "m", "--output-dir", str(tmp_path)]) == 0
+    capsys.readouterr()
+    both = json.loads((tmp_path / "all.json").read_text())
+    merged = json.loads((tmp_path / "m.json").read_text())
+    assert merged["config"]["optimizers"] == sittings["all"]
+    assert list(merged["optimizers"]) == sittings["all"]
+    assert merged["groups"][0]["summary"]["baseline"] == "adam"
+    for lab in sittings["all"]:
+        got = merged["groups"][0]["summary"]["optimizers"][lab]
+        want = both["groups"][0]["summary"]["optimizers"][lab]
+        assert got["test_metric_mean"] == pytest.approx(want["test_metric_mean"], rel=1e-5)
+        if want["paired"] is not None:
+            assert got["paired"]["diff_mean"] == pytest.approx(want["paired"]["diff_mean"], rel=1e-4)
+    # An optimizer left with fewer seeds than the others is refused.
+    assert main([*common[:-3], "--seeds", "0", "--optimizers", "caadam_additive", "--name", "y0"]) == 0
+    assert main(["--merge", parts[0], str(tmp_path / "y0.json")]) == 2
+    err = capsys.readouterr().err
+    assert "do not give every optimizer the same seeds" in err and "caadam_additive: seed(s) [1]" in err
+
+
 def test_merge_of_reports_without_step_losses_plots_epoch_means(tmp_path, capsys):
     # The evidence presets drop per-step losses; merging their sittings must still
     # write the figure (from per-epoch means) and say why "steps to" is empty.

@@ -86,10 +86,17 @@ _MLP_PAPER = {
 _MLP_SPLIT = {"e": ((0, 1), (2, 3, 4, 5, 6), (7, 8, 9, 10, 11))}
 
 
-def _sittings_command(command: str, name: str, sittings: tuple[tuple[int, ...], ...]) -> str:
+def _sittings_command(
+    command: str,
+    name: str,
+    sittings: tuple[tuple[int, ...], ...],
+    first_by_optimizers: tuple[tuple[str, ...], ...] = (),
+) -> str:
     """``command`` (writing ``evidence/<name>.json``) split into sittings of
     the given seeds and a merge, as Markdown code spans joined by "then" (the
-    report table puts the whole in one code span); unsplit without sittings."""
+    report table puts the whole in one code span); unsplit without sittings.
+    With ``first_by_optimizers`` the first sitting (the search) is itself run
+    as one sitting per group of optimizers (suffixes a, b, ...), merged."""
     if not sittings:
         return command
     steps, files = [], []
@@ -104,6 +111,16 @@ def _sittings_command(command: str, name: str, sittings: tuple[tuple[int, ...], 
         cmd += " --seeds " + " ".join(map(str, seeds))
         if files:
             cmd += f" --lr-from {files[0]}"
+        if not files and first_by_optimizers:
+            parts = []
+            for letter, group in zip("abcdefgh", first_by_optimizers, strict=False):
+                part = cmd.replace(f"--name {name}{suffix}", f"--name {name}{suffix}{letter}")
+                steps.append(part + " --optimizers " + " ".join(group))
+                parts.append(f"evidence/{name}{suffix}{letter}.json")
+            cmd = (
+                f"python -m adaptive_moments.experiments --merge {' '.join(parts)} "
+                f"--output-dir evidence --name {name}{suffix}"
+            )
         steps.append(cmd)
         files.append(f"evidence/{name}{suffix}.json")
     merge = f"python -m adaptive_moments.experiments --merge {' '.join(files)} "
@@ -144,13 +161,24 @@ def _mlp_claims() -> list[Claim]:
     return out
 
 
-# ResNet-20: ~40 min per seed and optimizer set (8 runs of 12 epochs), the
-# search on seed 0 another ~80 min: four sittings.
+# ResNet-20: ~6.5 min per run on a quiet machine, so ~55 min per seed for the
+# eight optimizers, and seed 0 (16 search runs, 4 fixed-rate ones) ~130 min:
+# seed 0 in three sittings by optimizer, then the other seeds at its rates.
 _RESNET_CMD = _sittings_command(
     "python -m adaptive_moments.experiments --preset resnet20_evidence "
     "--output-dir evidence --name caadam_resnet20_fmnist",
     "caadam_resnet20_fmnist",
-    ((0,), (1, 2, 3), (4, 5, 6), (7,)),
+    ((0,), (1, 2), (3, 4), (5, 6), (7,)),
+    first_by_optimizers=(
+        ("adam", "caadam_keras:strategy=additive"),
+        ("caadam_keras:strategy=multiplicative", "caadam_keras:strategy=depth"),
+        (
+            "adam:lr=1.88e-3,tune=false",
+            "adam:lr=4.45e-3,tune=false",
+            "caadam_keras:strategy=additive,tune=false",
+            "caadam_keras:strategy=multiplicative,tune=false",
+        ),
+    ),
 )
 _SET_CMD = (
     "python -m adaptive_moments.experiments --preset set_adam_evidence "
@@ -481,7 +509,7 @@ def render_evidence_index(evidence: Path = EVIDENCE) -> str:
         "holds another tool's measurement. The README's claims table is rebuilt from them by",
         "`make claims` (`python -m adaptive_moments.experiments.claims`); this page too. Pool a",
         "later sitting's seeds with `--lr-from <report>.json` (same rates, no new search) and",
-        "`--merge`.",
+        "`--merge`; a sitting may also run some of the optimizers (a long search split up).",
     ]
     for path in sorted(evidence.glob("*/*.json")):  # other tools' measurements
         m = json.loads(path.read_text())

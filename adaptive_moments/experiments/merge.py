@@ -25,6 +25,9 @@ _FREE = (
     "batching",
     "lr_from",
     "step_losses",
+    # A sitting may run a subset of the optimizers (a long search split by
+    # optimizer); each optimizer's options and rate are checked on their own.
+    "optimizers",
 )
 
 
@@ -37,58 +40,95 @@ def _fixed(r: Report) -> dict[str, Any]:
         **{f"config {k}": v for k, v in cfg.items()},
         "task": r["task"],
         "data": r["data"],
-        "optimizers": r["optimizers"],
         "models": [(g["model"], g["num_params"], g["param_order"]) for g in r["groups"]],
-        # Each report tuned on its own first seeds: pooling needs the same choice.
-        "chosen learning rates": [
-            {lab: rs[0]["lr"] for lab, rs in g["runs"].items()} for g in r["groups"]
-        ],
     }
+
+
+def _cells(paths: list[str], reports: list[Report]) -> dict[tuple[int, str], set[int]]:
+    """(group, optimizer) -> its seeds over all reports, checking that each
+    optimizer has one set of options and one chosen rate, and that no
+    (group, optimizer, seed) appears twice."""
+    specs: dict[str, Any] = {}
+    rates: dict[tuple[int, str], float] = {}
+    cells: dict[tuple[int, str], set[int]] = {}
+    for path, r in zip(paths, reports, strict=True):
+        for lab, info in r["optimizers"].items():
+            if specs.setdefault(lab, info) != info:
+                raise ValueError(f"{path} differs from {paths[0]} in optimizer {lab}'s options.")
+        for gi, g in enumerate(r["groups"]):
+            for lab, runs in g["runs"].items():
+                if not runs:
+                    continue
+                # Each report tuned on its own first seeds: pooling needs one choice.
+                lr = runs[0]["lr"]
+                if rates.setdefault((gi, lab), lr) != lr:
+                    raise ValueError(
+                        f"{path}: the chosen learning rates differ for {lab} ({lr:g}, "
+                        f"{rates[gi, lab]:g} elsewhere): run later sittings with --lr-from."
+                    )
+                seeds = {run["seed"] for run in runs}
+                dup = cells.setdefault((gi, lab), set()) & seeds
+                if dup:
+                    raise ValueError(
+                        f"seed(s) {sorted(dup)} appear in more than one report (optimizer {lab})."
+                    )
+                cells[gi, lab] |= seeds
+    return cells
 
 
 def merge_reports(
     paths: list[str], name: str | None = None, output_dir: str | None = None, plot: bool = True
 ) -> Report:
-    """Combines JSON reports of one comparison run with different seeds.
+    """Combines JSON reports of one comparison run in several sittings.
 
-    The reports must agree on the task, the data, the optimizers, every
-    option but the seeds (and the output names) and the learning rate each
-    optimizer chose; their runs are pooled per optimizer and model (the
-    search points too), the statistics, tables and figures are made anew, and
-    the wall time is the sum. Lets a small machine collect seeds over several
-    sessions.
+    The reports must agree on the task, the data and every option but the
+    seeds, the optimizers run (and the output names); each optimizer must have
+    the same options and chosen learning rate wherever it appears, no
+    (model, optimizer, seed) may appear twice, and together they must give
+    every optimizer the same seeds. So a sitting may run some seeds of every
+    optimizer, or (a long search split up) every seed of some optimizers.
+    Runs are pooled per optimizer and model (the search points too), the
+    statistics, tables and figures are made anew, and the wall time is the
+    sum. Lets a small machine collect a comparison over several sessions.
 
     Raises:
-      ValueError: fewer than two reports, a seed in two of them, another
-        schema version, or a difference in anything but the seeds.
+      ValueError: fewer than two reports, a run in two of them, another
+        schema version, a difference in anything else, or optimizers left
+        with different seeds.
     """
     if len(paths) < 2:
         raise ValueError("--merge needs at least two JSON reports.")
     reports = [read_json(p) for p in paths]
     ref = _fixed(reports[0])
-    seen: set[int] = set()
     for path, r in zip(paths, reports, strict=True):
         other = _fixed(r)
         diff = [k for k in ref if other[k] != ref[k]]
         if diff:
             raise ValueError(f"{path} differs from {paths[0]} in {', '.join(diff)}.")
-        dup = seen.intersection(r["config"]["seeds"])
-        if dup:
-            raise ValueError(f"seed(s) {sorted(dup)} appear in more than one report.")
-        seen.update(r["config"]["seeds"])
+    cells = _cells(paths, reports)
+    seen = set().union(*cells.values())
+    gaps = [f"{lab}: seed(s) {sorted(seen - s)}" for (_, lab), s in cells.items() if s != seen]
+    if gaps:
+        raise ValueError(
+            "the merged reports do not give every optimizer the same seeds; missing "
+            + "; ".join(gaps)
+        )
+    # Optimizers in the order they first appear (the first report's first).
+    labels = list(dict.fromkeys(lab for r in reports for lab in r["optimizers"]))
 
     first = reports[0]
     groups: list[GroupRecord] = []
     for gi, g in enumerate(first["groups"]):
         runs = {
             lab: sorted(
-                (run for r in reports for run in r["groups"][gi]["runs"][lab]),
+                (run for r in reports for run in r["groups"][gi]["runs"].get(lab, [])),
                 key=lambda run: run["seed"],
             )  # fmt: skip
-            for lab in g["runs"]
+            for lab in labels
         }
         search = {
-            lab: [p for r in reports for p in r["groups"][gi]["search"][lab]] for lab in g["search"]
+            lab: [p for r in reports for p in r["groups"][gi]["search"].get(lab, [])]
+            for lab in labels
         }
         groups.append(
             GroupRecord(
@@ -100,7 +140,8 @@ def merge_reports(
                 runs=runs,
             )
         )
-    cfg = dict(first["config"], seeds=sorted(seen), plot=plot)
+    specs = list(dict.fromkeys(spec for r in reports for spec in r["config"]["optimizers"]))
+    cfg = dict(first["config"], seeds=sorted(seen), optimizers=specs, plot=plot)
     if output_dir is not None:
         cfg["output_dir"] = output_dir
     name = name or f"{first['config'].get('name') or first['task']['name']}_merged"
@@ -110,7 +151,7 @@ def merge_reports(
         config=cfg,
         task=first["task"],
         data=first["data"],
-        optimizers=first["optimizers"],
+        optimizers={lab: info for r in reports for lab, info in r["optimizers"].items()},
         groups=groups,
         versions=first["versions"],
         merged_from=list(paths),
