@@ -54,7 +54,7 @@ def _cells(paths: list[str], reports: list[Report]) -> dict[tuple[int, str], set
     for path, r in zip(paths, reports, strict=True):
         for lab, info in r["optimizers"].items():
             if specs.setdefault(lab, info) != info:
-                raise ValueError(f"{path} differs from {paths[0]} in optimizer {lab}'s options.")
+                raise ValueError(f"{path} differs from an earlier report in {lab}'s options.")
         for gi, g in enumerate(r["groups"]):
             for lab, runs in g["runs"].items():
                 if not runs:
@@ -113,8 +113,9 @@ def merge_reports(
             "the merged reports do not give every optimizer the same seeds; missing "
             + "; ".join(gaps)
         )
-    # Optimizers in the order they first appear (the first report's first).
-    labels = list(dict.fromkeys(lab for r in reports for lab in r["optimizers"]))
+    # Optimizers in the order they first appear (the first report's first);
+    # _cells checked that each has one set of options.
+    optimizers = {lab: info for r in reports for lab, info in r["optimizers"].items()}
 
     first = reports[0]
     groups: list[GroupRecord] = []
@@ -124,11 +125,11 @@ def merge_reports(
                 (run for r in reports for run in r["groups"][gi]["runs"].get(lab, [])),
                 key=lambda run: run["seed"],
             )  # fmt: skip
-            for lab in labels
+            for lab in optimizers
         }
         search = {
             lab: [p for r in reports for p in r["groups"][gi]["search"].get(lab, [])]
-            for lab in labels
+            for lab in optimizers
         }
         groups.append(
             GroupRecord(
@@ -151,7 +152,7 @@ def merge_reports(
         config=cfg,
         task=first["task"],
         data=first["data"],
-        optimizers={lab: info for r in reports for lab, info in r["optimizers"].items()},
+        optimizers=optimizers,
         groups=groups,
         versions=first["versions"],
         merged_from=list(paths),
