@@ -273,7 +273,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         optimizers=_EXADAM_EVIDENCE,
         seeds=[0, 1, 2, 3],
         lr=1e-4,
-        lr_grid=[1.0, 3.0, 10.0],
+        # On [1, 3, 10] x 1e-4 both chose 1e-3, the top, on seed 0 (2026-12-02;
+        # validation loss 2.46 / 2.17 / 1.93 for Adam): the grid now spans
+        # 3e-4..1e-2 (1e-4 stays as the notebook's fixed point).
+        lr_grid=[3.0, 10.0, 30.0, 100.0],
         model=["layers=2,d=64,heads=4,block=64,dropout=0.2"],
         batch_size=32,
         steps_per_epoch=100,
