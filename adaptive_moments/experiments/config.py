@@ -286,7 +286,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Evidence (EXAdam's CNN claim, CIFAR-10 in the notebook): the small CNN on
     # the whole F-MNIST split at the notebook's protocol (batch 128,
     # reduce-on-plateau x0.1 after 5 epochs, no floor, last epoch tested) with
-    # 30 epochs instead of 100; each optimizer tuned from the notebook's 1e-4 up,
+    # 30 epochs instead of 100; each optimizer tuned over 3e-4..3e-3 (above the notebook's 1e-4),
     # beside the notebook's point (both at 1e-4) and Adam at 4e-4.
     "cnn_exadam_evidence": dict(
         step_losses=False,
@@ -294,8 +294,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         optimizers=_EXADAM_EVIDENCE,
         seeds=list(range(5)),
         lr=1e-4,
-        lr_grid=[1.0, 3.0, 10.0, 30.0],
-        tune_seeds=2,
+        # Every run is 30 full epochs (~15 min on a quiet 2-core CPU): the search
+        # runs on seed 0 only and skips 1e-4, which the fixed-rate runs cover.
+        lr_grid=[3.0, 10.0, 30.0],
         train_subset=0,
         test_subset=0,
         batch_size=128,
