@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Literal
 
 from adaptive_moments.experiments import stats
+from adaptive_moments.experiments.config import PRESETS
 from adaptive_moments.experiments.records import Report, read_json
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -127,6 +128,11 @@ def _sittings_command(
     return "`, then `".join([*steps, merge + f"--output-dir evidence --name {name}"])
 
 
+def _seed_per_sitting(preset: str) -> tuple[tuple[int, ...], ...]:
+    """One sitting per seed of ``preset``."""
+    return tuple((seed,) for seed in PRESETS[preset]["seeds"])
+
+
 def _mlp_command(part: str, models: tuple[str, ...]) -> str:
     """The command(s) of one MLP part."""
     flags = "".join(f"--model {m} " for m in models)
@@ -169,7 +175,7 @@ _RESNET_CMD = _sittings_command(
     "python -m adaptive_moments.experiments --preset resnet20_evidence "
     "--output-dir evidence --name caadam_resnet20_fmnist",
     "caadam_resnet20_fmnist",
-    tuple((seed,) for seed in range(8)),
+    _seed_per_sitting("resnet20_evidence"),
     first_by_optimizers=(
         ("adam", "caadam_keras:strategy=additive"),
         ("caadam_keras:strategy=multiplicative", "caadam_keras:strategy=depth"),
@@ -189,11 +195,13 @@ _SET_CMD = _sittings_command(
     "python -m adaptive_moments.experiments --preset set_adam_evidence "
     "--output-dir evidence --name set_adam_fmnist",
     "set_adam_fmnist",
-    tuple((seed,) for seed in range(5)),
+    _seed_per_sitting("set_adam_evidence"),
     first_by_optimizers=(("adam",), ("adabelief",), ("set_adam",), ("set_adam:tau=0.0",)),
 )
 _EX_NOTEBOOK, _ADAM_NOTEBOOK = "exadam:lr=1e-4,tune=false", "adam:lr=1e-4,tune=false"
 _ADAM_4X = "adam:lr=4e-4,tune=false"
+# EXAdam's fixed-rate comparison points: one sitting of their own.
+_EX_FIXED = (_ADAM_NOTEBOOK, _EX_NOTEBOOK, _ADAM_4X)
 # char-GPT: ~7.5 min per run beside another sitting (most runs last the 60
 # epochs), so seed 0's search (8 runs) ~60 min, its 3 fixed-rate runs ~25 min,
 # and ~40 min per other seed.
@@ -201,11 +209,8 @@ _EX_GPT_CMD = _sittings_command(
     "python -m adaptive_moments.experiments --preset gpt_exadam_evidence "
     "--output-dir evidence --name exadam_gpt",
     "exadam_gpt",
-    ((0,), (1,), (2,), (3,)),
-    first_by_optimizers=(
-        ("adam", "exadam"),
-        (_ADAM_NOTEBOOK, _EX_NOTEBOOK, _ADAM_4X),
-    ),
+    _seed_per_sitting("gpt_exadam_evidence"),
+    first_by_optimizers=(("adam", "exadam"), _EX_FIXED),
 )
 # Whole F-MNIST, 30 epochs every run (no early stopping in this protocol),
 # ~1 min per epoch beside two other sittings, about half that quiet: seed 0's
@@ -215,8 +220,8 @@ _EX_CNN_CMD = _sittings_command(
     "python -m adaptive_moments.experiments --preset cnn_exadam_evidence "
     "--output-dir evidence --name exadam_cnn_fmnist",
     "exadam_cnn_fmnist",
-    tuple((seed,) for seed in range(5)),
-    first_by_optimizers=(("adam",), ("exadam",), (_ADAM_NOTEBOOK, _EX_NOTEBOOK, _ADAM_4X)),
+    _seed_per_sitting("cnn_exadam_evidence"),
+    first_by_optimizers=(("adam",), ("exadam",), _EX_FIXED),
 )
 _CIFAR = "CIFAR-10/100 cannot be installed offline (no Debian or PyPI package ships the images)"
 
