@@ -59,7 +59,14 @@ def _report(metric_by_label: dict[str, list[float]], higher: bool = True) -> dic
     seeds = list(range(len(next(iter(metric_by_label.values())))))
     return {
         "schema_version": 2,
-        "config": {"seeds": seeds, "lr_grid": [1.0], "tune_seeds": 1},
+        "config": {
+            "seeds": seeds,
+            "lr_grid": [1.0],
+            "tune_seeds": 1,
+            "epochs": 10,
+            "early_stopping": 3,
+            "restore_best": True,
+        },
         "data": {"dataset": "synthetic"},
         "versions": {},
         "command": "python -m adaptive_moments.experiments --name ev",
@@ -78,6 +85,8 @@ def _report(metric_by_label: dict[str, list[float]], higher: bool = True) -> dic
                             "seeds": seeds,
                             "test_metric": [float(v) for v in vals],
                             "lr_at_grid_edge": lab == "s",
+                            # g's best epoch on seed 0 is 9 of 10 (patience 3): still improving
+                            "test_epoch": [9 if lab == "g" and i == 0 else 5 for i in seeds],
                         }
                         for lab, vals in metric_by_label.items()
                     }
@@ -118,6 +127,8 @@ def test_rows_recompute_paired_statistics_with_holm_over_the_table(tmp_path, mon
     assert (
         rows[1].verdict.endswith("(rate at the grid's edge: s)") and "edge" not in rows[0].verdict
     )
+    assert rows[0].verdict.endswith("(still improving at the epoch cap: g)")
+    assert "epoch cap" not in rows[1].verdict
     assert rows[2].diff == pytest.approx(0.1, abs=0.002) and "consistent" in rows[2].verdict
     assert rows[3].status == "pending" and rows[4].status == "untestable"
     text = claims.render_table(rows)
@@ -131,7 +142,6 @@ def test_rows_recompute_paired_statistics_with_holm_over_the_table(tmp_path, mon
 def test_claims_name_reports_and_optimizers_that_exist():
     from adaptive_moments.experiments import PRESETS
 
-    specs = {o for p in PRESETS.values() for o in p.get("optimizers", [])} | {"adam"}
     for c in claims.CLAIMS:
         if c.evidence is None:
             assert c.why_not
@@ -162,7 +172,9 @@ def test_a_split_command_searches_once_and_merges_every_sitting():
     steps = split.split("`, then `")
     assert steps[0].endswith("--name ev_s0a --seeds 0 --optimizers adam x")
     assert steps[1].endswith("--name ev_s0b --seeds 0 --optimizers y")
-    assert steps[2].endswith("--merge evidence/ev_s0a.json evidence/ev_s0b.json --output-dir evidence --name ev_s0")
+    assert steps[2].endswith(
+        "--merge evidence/ev_s0a.json evidence/ev_s0b.json --output-dir evidence --name ev_s0"
+    )
     assert steps[3].endswith("--name ev_s1 --seeds 1 --lr-from evidence/ev_s0.json")
 
 

@@ -355,6 +355,7 @@ class Row:
     verdict: str = ""
     ours: str = ""  # a mechanism row's finding
     edge: tuple[str, ...] = ()  # labels whose chosen rate is at the grid's edge
+    capped: tuple[str, ...] = ()  # labels stopped by the epoch cap while still improving
 
 
 def _group(report: Report, model: str | None, path: Path) -> dict:
@@ -390,6 +391,19 @@ def _compare(row: Row, report: Report, path: Path) -> None:
     row.rel_pct = row.diff * row.pct_per_unit
     summary = group["summary"]["optimizers"]
     row.edge = tuple(lab for lab in (c.optimizer, c.baseline) if summary[lab]["lr_at_grid_edge"])
+    row.capped = tuple(
+        lab for lab in (c.optimizer, c.baseline) if _still_improving(report["config"], summary[lab])
+    )
+
+
+def _still_improving(config: dict, summary: dict) -> bool:
+    """Early stopping never fired: some seed's best epoch lies within the last
+    ``patience`` epochs of the cap, so the comparison is at a fixed budget,
+    not at each optimizer's best validation loss."""
+    patience, cap = config.get("early_stopping"), config.get("epochs")
+    if not (config.get("restore_best") and patience and cap):
+        return False
+    return any(e > cap - patience for e in summary.get("test_epoch", []))
 
 
 def _mechanism(row: Row, path: Path) -> None:
@@ -485,6 +499,8 @@ def build_rows(evidence: Path = EVIDENCE) -> list[Row]:
         r.verdict = verdict(r.claim.kind, r.diff, r.ci, ph, r.claim.paper_rel_pct, r.pct_per_unit)
         if r.edge:  # its tuning may be incomplete: say so beside the verdict
             r.verdict += f" (rate at the grid's edge: {', '.join(r.edge)})"
+        if r.capped:  # its best validation loss may lie beyond the budget
+            r.verdict += f" (still improving at the epoch cap: {', '.join(r.capped)})"
     return rows
 
 
