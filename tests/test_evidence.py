@@ -137,6 +137,13 @@ def test_rows_recompute_paired_statistics_with_holm_over_the_table(tmp_path, mon
     index = claims.render_evidence_index(tmp_path)
     assert "## Pending runs" in index and "`missing`: `run it`" in index
     assert "## ev" in index and "--name ev" in index and "12 s" in index
+    assert "Superseded" not in index
+    # A replaced report moves to superseded/: listed as such, not as a tool's measurement.
+    (tmp_path / claims.SUPERSEDED).mkdir()
+    (tmp_path / "rm.json").rename(tmp_path / claims.SUPERSEDED / "rm.json")
+    index = claims.render_evidence_index(tmp_path)
+    assert "## rm" not in index and "## superseded" not in index
+    assert "## Superseded (`superseded/`)" in index and "- `rm.json`: `python -m" in index
 
 
 def test_claims_name_reports_and_optimizers_that_exist():
