@@ -252,13 +252,19 @@ PRESETS: dict[str, dict[str, Any]] = {
     # optimizer tuned, early stopping on validation, with the tau = 0 ablation.
     # On [1/3, 1, 3] x 1e-3 (seed 0, 2026-12-03) Adam chose 1e-3 inside the
     # grid, but AdaBelief chose 3e-3, the top, and SET-Adam 3.33e-4, the
-    # bottom: each optimizer whose choice fell on an end is searched again on
-    # the three rates centred on that choice (one step of 3x toward the end).
+    # bottom (and SET-Adam with tau = 0 too): each optimizer whose choice fell
+    # on an end is searched again on the three rates centred on that choice
+    # (one step of 3x toward the end).
     "set_adam_evidence": dict(
         step_losses=False,
         generalisation=True,
         task="fashion_mnist_cnn",
-        optimizers=["adam", "adabelief:lr=3e-3", "set_adam:lr=3.33e-4", "set_adam:tau=0.0"],
+        optimizers=[
+            "adam",
+            "adabelief:lr=3e-3",
+            "set_adam:lr=3.33e-4",
+            "set_adam:tau=0.0,lr=3.33e-4",
+        ],
         seeds=list(range(5)),
         train_subset=0,
         test_subset=0,
