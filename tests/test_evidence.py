@@ -196,6 +196,19 @@ def test_tune_false_keeps_a_spec_at_its_rate():
         parse_optimizer("adam:tune=3")
 
 
+def test_a_tuned_spec_with_its_own_rate_searches_around_it(tmp_path, capsys):
+    args = [
+        "--task", "regression_mlp", "--model", "8", "--epochs", "1", "--lr-grid", "0.3,3",
+        "--output-dir", str(tmp_path), "--no-progress", "--no-plot", "--seeds", "0",
+        "--optimizers", "adam", "adam:lr=1e-2", "--name", "own",
+    ]  # fmt: skip
+    assert main(args) == 0
+    assert "x base 0.001, or a spec's own lr=" in capsys.readouterr().out
+    search = json.loads((tmp_path / "own.json").read_text())["groups"][0]["search"]
+    np.testing.assert_allclose([t["lr"] for t in search["adam"]], [3e-4, 3e-3])
+    np.testing.assert_allclose([t["lr"] for t in search["adam:lr=1e-2"]], [3e-3, 3e-2])
+
+
 def test_lr_from_trains_at_the_chosen_rates_and_merges(tmp_path, capsys):
     common = [
         "--task", "regression_mlp", "--model", "8", "--epochs", "2", "--lr-grid", "0.3,3",

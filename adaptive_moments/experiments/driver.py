@@ -112,7 +112,9 @@ def run_experiment(cfg: ExperimentConfig) -> Report:
     if fixed is not None:
         tuned, tune_seeds = False, []
     grid_text = ", ".join(f"{x:.3g}" for x in cfg.lr_grid)
-    grid_text = f"[{grid_text}]" if cfg.lr_grid_absolute else f"[{grid_text}] x base {cfg.lr:g}"
+    own = any(s.lr is not None and s.tune for s in specs)
+    base_text = f"base {cfg.lr:g}" + (", or a spec's own lr=" if own else "")
+    grid_text = f"[{grid_text}]" if cfg.lr_grid_absolute else f"[{grid_text}] x {base_text}"
     print(
         f"{task.name}: {task.description}\n"
         f"  data: {data.info}\n"
