@@ -1,6 +1,7 @@
 """The evidence machinery: fixed-rate specs, --lr-from sittings, the diamonds
 data, and the claims table rebuilt from the committed reports."""
 
+import dataclasses
 import json
 import math
 import os
@@ -138,6 +139,21 @@ def test_rows_recompute_paired_statistics_with_holm_over_the_table(tmp_path, mon
     assert "## Pending runs" in index and "`missing`: `run it`" in index
     assert "## ev" in index and "--name ev" in index and "12 s" in index
     assert "Superseded" not in index
+    assert rows[3].verdict == "not run yet"
+    # Sittings of whole seeds count; a part of a seed (some optimizers) does not.
+    for name, seeds in (("missing_s0", [0]), ("missing_s12", [1, 2]), ("missing_s3a", [3])):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"config": {"seeds": seeds}}))
+    (tmp_path / "missing_b_s4.json").write_text(json.dumps({"config": {"seeds": [4]}}))
+    monkeypatch.setattr(
+        claims,
+        "CLAIMS",
+        [*table[:3], dataclasses.replace(table[3], command="--preset set_adam_evidence")],
+    )
+    row = claims.build_rows(tmp_path)[3]
+    n = len(claims.PRESETS["set_adam_evidence"]["seeds"])
+    assert row.verdict == f"in progress: seeds 0, 1, 2 committed (3 of {n}); no interim verdict"
+    for path in tmp_path.glob("missing*.json"):
+        path.unlink()  # not reports: the index below would refuse them
     # A replaced report moves to superseded/: listed as such, not as a tool's measurement.
     (tmp_path / claims.SUPERSEDED).mkdir()
     (tmp_path / "rm.json").rename(tmp_path / claims.SUPERSEDED / "rm.json")

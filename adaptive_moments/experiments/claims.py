@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Literal
@@ -500,6 +501,26 @@ def _verdict(kind: Kind, diff: float, ci: tuple[float, float], p_holm: float) ->
     return "not shown: the CI includes 0"
 
 
+def _progress(claim: Claim, evidence: Path) -> str:
+    """A pending claim's verdict: the seeds whose sittings are committed.
+
+    A seed counts once a report of whole seeds is committed (``<stem>_s4``,
+    ``<stem>_s2-6``), not a part of one (``<stem>_s4a``, some optimizers only).
+    """
+    pattern = re.compile(rf"{re.escape(claim.evidence or '')}_s[0-9-]+")
+    done: set[int] = set()
+    for path in evidence.glob(f"{claim.evidence}_s*.json"):
+        if pattern.fullmatch(path.stem):
+            done.update(json.loads(path.read_text())["config"]["seeds"])
+    if not done:
+        return "not run yet"
+    preset = re.search(r"--preset (\S+)", claim.command)
+    planned = PRESETS[preset.group(1)]["seeds"] if preset and preset.group(1) in PRESETS else []
+    of = f" of {len(planned)}" if planned else ""
+    seeds = ", ".join(map(str, sorted(done)))
+    return f"in progress: seeds {seeds} committed ({len(done)}{of}); no interim verdict"
+
+
 def build_rows(evidence: Path = EVIDENCE) -> list[Row]:
     rows = []
     for c in CLAIMS:
@@ -508,7 +529,7 @@ def build_rows(evidence: Path = EVIDENCE) -> list[Row]:
             continue
         path = evidence / f"{c.evidence}.json"
         if not path.is_file():
-            rows.append(Row(c, "pending", verdict="not run yet"))
+            rows.append(Row(c, "pending", verdict=_progress(c, evidence)))
             continue
         row = Row(c, "tested")
         if c.kind == "mechanism":
