@@ -229,9 +229,9 @@ _EX_GPT_LONG_CMD = _sittings_command(
     first_by_optimizers=(("adam",), ("exadam",)),
 )
 # Whole F-MNIST, 30 epochs every run (no early stopping in this protocol),
-# ~1 min per epoch beside two other sittings, about half that quiet: seed 0's
+# ~14 min per run quiet, ~21 min beside another sitting (measured): seed 0's
 # search (3 runs per tuned optimizer, 3 fixed-rate runs) in three sittings by
-# optimizer, then one seed (5 runs, ~75 min quiet) per sitting.
+# optimizer, then one seed (5 runs, ~70 min quiet) per sitting.
 _EX_CNN_CMD = _sittings_command(
     "python -m adaptive_moments.experiments --preset cnn_exadam_evidence "
     "--output-dir evidence --name exadam_cnn_fmnist",
