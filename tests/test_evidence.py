@@ -1,7 +1,6 @@
 """The evidence machinery: fixed-rate specs, --lr-from sittings, the diamonds
 data, and the claims table rebuilt from the committed reports."""
 
-import dataclasses
 import json
 import math
 import os
@@ -14,7 +13,7 @@ pytest.importorskip("flax")
 pytest.importorskip("sklearn")
 
 from adaptive_moments.experiments import DataMissingError, main, parse_optimizer  # noqa: E402
-from adaptive_moments.experiments import claims, stats  # noqa: E402
+from adaptive_moments.experiments import claims, records, stats  # noqa: E402
 from adaptive_moments.experiments import data as data_lib  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,20 +139,21 @@ def test_rows_recompute_paired_statistics_with_holm_over_the_table(tmp_path, mon
     assert "## ev" in index and "--name ev" in index and "12 s" in index
     assert "Superseded" not in index
     assert rows[3].verdict == "not run yet"
+
     # Sittings of whole seeds count; a part of a seed (some optimizers) does not.
+    def sitting(name: str, seeds: list[int]) -> None:
+        config = {"seeds": seeds, "preset": "set_adam_evidence"}
+        report = {"schema_version": records.SCHEMA_VERSION, "config": config}
+        (tmp_path / f"{name}.json").write_text(json.dumps(report))
+
     for name, seeds in (("missing_s0", [0]), ("missing_s12", [1, 2]), ("missing_s3a", [3])):
-        (tmp_path / f"{name}.json").write_text(json.dumps({"config": {"seeds": seeds}}))
-    (tmp_path / "missing_b_s4.json").write_text(json.dumps({"config": {"seeds": [4]}}))
-    monkeypatch.setattr(
-        claims,
-        "CLAIMS",
-        [*table[:3], dataclasses.replace(table[3], command="--preset set_adam_evidence")],
-    )
+        sitting(name, seeds)
+    sitting("missing_b_s4", [4])
     row = claims.build_rows(tmp_path)[3]
     n = len(claims.PRESETS["set_adam_evidence"]["seeds"])
     assert row.verdict == f"in progress: seeds 0, 1, 2 committed (3 of {n}); no interim verdict"
     for path in tmp_path.glob("missing*.json"):
-        path.unlink()  # not reports: the index below would refuse them
+        path.unlink()  # partial reports: the index below would refuse them
     # A replaced report moves to superseded/: listed as such, not as a tool's measurement.
     (tmp_path / claims.SUPERSEDED).mkdir()
     (tmp_path / "rm.json").rename(tmp_path / claims.SUPERSEDED / "rm.json")

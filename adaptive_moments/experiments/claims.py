@@ -509,13 +509,17 @@ def _progress(claim: Claim, evidence: Path) -> str:
     """
     pattern = re.compile(rf"{re.escape(claim.evidence or '')}_s[0-9-]+")
     done: set[int] = set()
+    presets: set[str] = set()
     for path in evidence.glob(f"{claim.evidence}_s*.json"):
         if pattern.fullmatch(path.stem):
-            done.update(json.loads(path.read_text())["config"]["seeds"])
+            config = read_json(path)["config"]
+            done.update(config["seeds"])
+            presets.add(config.get("preset"))
     if not done:
         return "not run yet"
-    preset = re.search(r"--preset (\S+)", claim.command)
-    planned = PRESETS[preset.group(1)]["seeds"] if preset and preset.group(1) in PRESETS else []
+    # The sittings' own preset says how many seeds are planned, not the claim's text.
+    (preset,) = presets if len(presets) == 1 else (None,)
+    planned = PRESETS[preset]["seeds"] if preset in PRESETS else []
     of = f" of {len(planned)}" if planned else ""
     seeds = ", ".join(map(str, sorted(done)))
     return f"in progress: seeds {seeds} committed ({len(done)}{of}); no interim verdict"
