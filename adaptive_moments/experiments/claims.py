@@ -512,7 +512,7 @@ def _progress(claim: Claim, evidence: Path) -> str:
     """
     pattern = re.compile(rf"{re.escape(claim.evidence or '')}_s[0-9-]+")
     done: set[int] = set()
-    presets: set[str] = set()
+    presets: set[str | None] = set()
     for path in evidence.glob(f"{claim.evidence}_s*.json"):
         if pattern.fullmatch(path.stem):
             config = read_json(path)["config"]
@@ -521,7 +521,7 @@ def _progress(claim: Claim, evidence: Path) -> str:
     if not done:
         return "not run yet"
     # The sittings' own preset says how many seeds are planned, not the claim's text.
-    (preset,) = presets if len(presets) == 1 else (None,)
+    preset = presets.pop() if len(presets) == 1 else None
     planned = PRESETS[preset]["seeds"] if preset in PRESETS else []
     of = f" of {len(planned)}" if planned else ""
     seeds = ", ".join(map(str, sorted(done)))
