@@ -162,6 +162,27 @@ def test_rows_recompute_paired_statistics_with_holm_over_the_table(tmp_path, mon
     assert "## Superseded (`superseded/`)" in index and "- `rm.json`: `python -m" in index
 
 
+def test_results_figure_legend_fits_beside_long_optimizer_specs():
+    # The 8-seed ResNet-20 report has eight long specs: a fixed six-column legend
+    # ran off both sides of the figure (session 12); it must fit and clear the panels.
+    pytest.importorskip("matplotlib")
+    from adaptive_moments.experiments import plot
+
+    report = records.read_json(ROOT / "evidence" / "caadam_resnet20_fmnist.json")
+    assert len(report["groups"][0]["runs"]) == 8
+    fig = plot.results_figure(report, "caadam_resnet20_fmnist")
+    try:
+        renderer = fig.canvas.get_renderer()
+        (legend,) = fig.legends
+        box = legend.get_window_extent(renderer)
+        assert fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1 and box.y0 >= fig.bbox.y0
+        assert len(legend.get_texts()) == 8
+        for ax in fig.axes:  # tick labels included
+            assert ax.get_tightbbox(renderer).y0 > box.y1
+    finally:
+        plot._pyplot().close(fig)
+
+
 def test_claims_name_reports_and_optimizers_that_exist():
     from adaptive_moments.experiments import PRESETS
 

@@ -77,14 +77,25 @@ def _plain_log(axis: Any, values: np.ndarray) -> None:
         axis.set_minor_formatter(NullFormatter())
 
 
-def plot_results(result: Report, title: str, path: Path) -> None:
-    """Train loss, validation metric and test metric; one row per model.
+def _figure_legend(fig: Any, handles: list[Any], names: list[str]) -> float:
+    """One legend under the panels, in as many columns as fit the figure's width.
 
-    Curves are the mean over seeds with a band from the lowest to the
-    highest seed; the train loss is a trailing mean over the summary's
-    window, drawn against epochs. The test panel shows every seed as a dot
-    and the mean with its 95 % t interval. One legend for the figure.
+    Returns the height it takes, as a fraction of the figure's. Long labels
+    (eight optimizer specs with options) overflow a fixed six-column row, so
+    the column count is found by measuring the drawn legend.
     """
+    renderer = fig.canvas.get_renderer()
+    for ncol in range(min(len(names), 6), 0, -1):
+        legend = fig.legend(handles, names, loc="lower center", ncol=ncol, frameon=False)
+        box = legend.get_window_extent(renderer)
+        if ncol == 1 or box.width <= 0.98 * fig.bbox.width:
+            return float(box.height / fig.bbox.height)
+        legend.remove()
+    raise AssertionError("unreachable: one column always fits")
+
+
+def results_figure(result: Report, title: str) -> Any:
+    """The figure :func:`plot_results` saves (a matplotlib ``Figure``; close it when done)."""
     from scipy import stats as sps
 
     plt = _pyplot()
@@ -182,16 +193,29 @@ def plot_results(result: Report, title: str, path: Path) -> None:
         for ax in row:
             ax.grid(alpha=0.3)
     handles, names = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="lower center", ncol=min(len(names), 6), frameon=False)
+    legend_height = _figure_legend(fig, handles, names)
     n_seeds = len(result["config"]["seeds"])
     fig.suptitle(
         f"{title}: mean over {n_seeds} seed{'s' * (n_seeds > 1)}, band = range over seeds; "
         f"each optimizer at its chosen learning rate",
         fontsize=10,
     )
-    fig.tight_layout(rect=(0, 0.06 if len(groups) == 1 else 0.03, 1, 0.97))
+    fig.tight_layout(rect=(0, legend_height + 0.01, 1, 0.97))
+    return fig
+
+
+def plot_results(result: Report, title: str, path: Path) -> None:
+    """Train loss, validation metric and test metric; one row per model.
+
+    Curves are the mean over seeds with a band from the lowest to the
+    highest seed; the train loss is a trailing mean over the summary's
+    window, drawn against epochs. The test panel shows every seed as a dot
+    and the mean with its 95 % t interval. One legend for the figure, under
+    the panels, in as many columns as fit.
+    """
+    fig = results_figure(result, title)
     fig.savefig(path)
-    plt.close(fig)
+    _pyplot().close(fig)
 
 
 def plot_lr_search(result: Report, title: str, path: Path) -> None:
