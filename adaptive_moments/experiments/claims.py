@@ -525,7 +525,8 @@ def _progress(claim: Claim, evidence: Path) -> str:
     planned = PRESETS[preset]["seeds"] if preset in PRESETS else []
     of = f" of {len(planned)}" if planned else ""
     seeds = ", ".join(map(str, sorted(done)))
-    return f"in progress: seeds {seeds} committed ({len(done)}{of}); no interim verdict"
+    noun = "seed" if len(done) == 1 else "seeds"
+    return f"in progress: {noun} {seeds} committed ({len(done)}{of}); no interim verdict"
 
 
 def build_rows(evidence: Path = EVIDENCE) -> list[Row]:
