@@ -235,7 +235,7 @@ _EX_GPT_LONG_CMD = _sittings_command(
 # search (3 runs per tuned optimizer, 3 fixed-rate runs) in three sittings by
 # optimizer, then one seed (5 runs, ~70 min quiet) per sitting.
 # The preset's tuned Adam: its grid is centred on its first search's choice.
-_ADAM_CNN = "adam:lr=3e-4"
+_ADAM_CNN = PRESETS["cnn_exadam_evidence"]["optimizers"][0]
 _EX_CNN_CMD = _sittings_command(
     "python -m adaptive_moments.experiments --preset cnn_exadam_evidence "
     "--output-dir evidence --name exadam_cnn_fmnist",

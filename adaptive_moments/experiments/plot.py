@@ -85,13 +85,13 @@ def _figure_legend(fig: Any, handles: list[Any], names: list[str]) -> float:
     the column count is found by measuring the drawn legend.
     """
     renderer = fig.canvas.get_renderer()
-    for ncol in range(min(len(names), 6), 0, -1):
-        legend = fig.legend(handles, names, loc="lower center", ncol=ncol, frameon=False)
-        box = legend.get_window_extent(renderer)
-        if ncol == 1 or box.width <= 0.98 * fig.bbox.width:
-            return float(box.height / fig.bbox.height)
+    ncol = min(len(names), 6)
+    legend = fig.legend(handles, names, loc="lower center", ncol=ncol, frameon=False)
+    while ncol > 1 and legend.get_window_extent(renderer).width > 0.98 * fig.bbox.width:
         legend.remove()
-    raise AssertionError("unreachable: one column always fits")
+        ncol -= 1
+        legend = fig.legend(handles, names, loc="lower center", ncol=ncol, frameon=False)
+    return float(legend.get_window_extent(renderer).height / fig.bbox.height)
 
 
 def results_figure(result: Report, title: str) -> Any:
