@@ -298,17 +298,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # last epochs, so that comparison is at a fixed 6,000-step budget. Here the
     # tuned pair only, with a cap of 200 epochs (20,000 steps, 2.5x the
     # notebook's 8,000), searched again because a longer run may favour a
-    # smaller rate. Patience is 20 epochs: with 6, all nine seed-0 runs of
-    # 2026-12-03 stopped at their first 6-epoch stall while the validation
-    # loss (noise ~0.004 per epoch, slope ~0.0006) was still falling, so Adam
-    # at 1e-3 and at 9.99e-4 followed the same curve but stopped at epochs 161
-    # and 100 (best 1.8311 vs 1.8702): the stopping point, not the rate,
-    # decided the search. The grid 5.77e-4 / 1.73e-3 / 5.19e-3 is centred
-    # between those searches' best rates (Adam 1e-3 and 3.33e-3, EXAdam
-    # 9.99e-4), the same for both optimizers. With patience 20 all three of
-    # Adam's seed-0 runs reached the 200-epoch cap (best epochs 197-199): the
-    # model does not reach its best validation loss within 20,000 steps, so
-    # this is a fixed-budget comparison at the longest budget run here.
+    # smaller rate. Patience 20, not 6: with 6 every seed-0 run stopped at its
+    # first noise-sized stall, so the stopping point, not the rate, decided
+    # the search (BUILD_NOTES, Evidence). One grid for both optimizers,
+    # centred between the patience-6 searches' best rates. At patience 20
+    # Adam's runs all reached the cap: a fixed 20,000-step comparison.
     "gpt_exadam_long_evidence": dict(
         step_losses=False,
         task="shakespeare_gpt",
