@@ -5,7 +5,8 @@
 * trials trained together (vmapped, or one after another) equal trials trained alone;
 * each task trains on its real offline data, tunes the rate on validation and
   writes the table, JSON (with the documented keys) and both PNGs;
-* ``--merge`` pools seeds and refuses reports that differ.
+* ``--merge`` pools seeds and refuses reports that differ;
+* ``--extend-search`` adds rates to a finished search as if all ran at once.
 
 Missing data skips the data-dependent tests locally, but fails them in CI
 (``CI`` set), where the data must be installed. Sizes are tiny (1-2 epochs).
@@ -640,12 +641,87 @@ def test_merge_pools_sittings_that_split_the_optimizers(tmp_path, capsys):
         want = both["groups"][0]["summary"]["optimizers"][lab]
         assert got["test_metric_mean"] == pytest.approx(want["test_metric_mean"], rel=1e-5)
         if want["paired"] is not None:
-            assert got["paired"]["diff_mean"] == pytest.approx(want["paired"]["diff_mean"], rel=1e-4)
+            assert got["paired"]["diff_mean"] == pytest.approx(
+                want["paired"]["diff_mean"], rel=1e-4
+            )
     # An optimizer left with fewer seeds than the others is refused.
-    assert main([*common[:-3], "--seeds", "0", "--optimizers", "caadam_additive", "--name", "y0"]) == 0
+    assert (
+        main([*common[:-3], "--seeds", "0", "--optimizers", "caadam_additive", "--name", "y0"]) == 0
+    )
     assert main(["--merge", parts[0], str(tmp_path / "y0.json")]) == 2
     err = capsys.readouterr().err
-    assert "do not give every optimizer the same seeds" in err and "caadam_additive: seed(s) [1]" in err
+    assert (
+        "do not give every optimizer the same seeds" in err
+        and "caadam_additive: seed(s) [1]" in err
+    )
+
+
+def test_extend_search_equals_the_whole_search_run_at_once(tmp_path, capsys):
+    # A search split in two (the second sitting adding rates to the first)
+    # reports what one search over all the rates reports: the same points,
+    # the same choice and the same tested runs; only the missing rates train.
+    common = [
+        "--task", "regression_mlp", "--model", "8", "--optimizers", "adam", "adamw:tune=false",
+        "--epochs", "3", "--lr", "0.01", "--seeds", "0", "--output-dir", str(tmp_path),
+        "--no-progress", "--no-plot",
+    ]  # fmt: skip
+    grid = [0.3, 1.0, 3.0]
+    text = ",".join(map(str, grid))
+    assert main([*common, "--lr-grid", text, "--name", "full"]) == 0
+    full = json.loads((tmp_path / "full.json").read_text())
+    g = full["groups"][0]
+    best = grid[[round(0.01 * x, 12) for x in grid].index(round(g["runs"]["adam"][0]["lr"], 12))]
+    others = [x for x in grid if x != best]
+    for case, first in (("stands", [best, others[0]]), ("moves", others)):
+        assert main([*common, "--lr-grid", ",".join(map(str, first)), "--name", case]) == 0
+        part = json.loads((tmp_path / f"{case}.json").read_text())
+        args = ["--lr-grid", text, "--extend-search", str(tmp_path / f"{case}.json")]
+        assert main([*common, *args, "--name", f"{case}_x"]) == 0
+        got = json.loads((tmp_path / f"{case}_x.json").read_text())
+        gg = got["groups"][0]
+        assert got["config"]["lr_grid"] == grid
+        points = sorted((p["lr"], p["val_metric"]) for p in gg["search"]["adam"])
+        want = sorted((p["lr"], p["val_metric"]) for p in g["search"]["adam"])
+        np.testing.assert_allclose(points, want, rtol=1e-5)
+        run, want_run = gg["runs"]["adam"][0], g["runs"]["adam"][0]
+        assert run["lr"] == pytest.approx(want_run["lr"], rel=1e-12)
+        assert run["test_metric"] == pytest.approx(want_run["test_metric"], rel=1e-5)
+        assert got["wall_time_s"] > part["wall_time_s"]
+        # The fixed-rate optimizer's run is kept from the first sitting.
+        assert gg["runs"]["adamw:tune=false"] == part["groups"][0]["runs"]["adamw:tune=false"]
+        if case == "stands":  # the earlier run, tested then, is kept as it was
+            assert run == part["groups"][0]["runs"]["adam"][0]
+        else:  # the new rate alone trained here, and its run was tested here
+            assert run["trials_in_program"] == 1
+    out = capsys.readouterr().out
+    assert "adding to the search in" in out
+    # Merged with a sitting of another optimizer on the first grid: each
+    # optimizer's own rates are named, since the grids now differ.
+    y = [*common[:5], "caadam_depth", *common[7:]]
+    assert main([*y, "--lr-grid", "1,3", "--name", "y"]) == 0
+    parts = [str(tmp_path / "moves_x.json"), str(tmp_path / "y.json")]
+    assert main(["--merge", *parts, "--name", "m", "--output-dir", str(tmp_path)]) == 0
+    merged = json.loads((tmp_path / "m.json").read_text())
+    assert merged["config"]["lr_grid"] == grid
+    assert (
+        "its own rates (adam [0.003, 0.01, 0.03]; caadam_depth [0.01, 0.03])"
+        in (tmp_path / "m.md").read_text()
+    )
+    capsys.readouterr()
+    # Refused: a grid without the searched rates, another option, other seeds,
+    # another optimizer, and no search (exit 2, one line).
+    ext = ["--extend-search", str(tmp_path / "moves.json")]
+    bad = [
+        ([*common, "--lr-grid", "1,3", *ext], "must contain the rates already searched"),
+        ([*common, "--lr-grid", text, "--epochs", "2", *ext], "config epochs"),
+        ([*common, "--lr-grid", text, "--seeds", "0", "1", *ext], "no seeds beyond"),
+        ([*y, "--lr-grid", text, *ext], "must run the same optimizers"),
+        ([*common, "--lr-grid", "1", *ext], "needs a search"),
+    ]
+    for argv, needle in bad:
+        assert main([*argv, "--name", "bad"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and needle in err, err
 
 
 def test_merge_of_reports_without_step_losses_plots_epoch_means(tmp_path, capsys):

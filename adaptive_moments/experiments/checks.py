@@ -93,6 +93,13 @@ def check_config(cfg: ExperimentConfig) -> ExperimentConfig:
         raise ValueError(f"--name must be a file stem (letters, digits, ._+=-): {cfg.name!r}.")
     if cfg.lr_from is not None and not Path(cfg.lr_from).is_file():
         raise ValueError(f"--lr-from {cfg.lr_from}: no such file.")
+    if cfg.extend_search is not None:
+        if not Path(cfg.extend_search).is_file():
+            raise ValueError(f"--extend-search {cfg.extend_search}: no such file.")
+        if cfg.lr_from is not None or len(cfg.lr_grid) < 2:
+            raise ValueError(
+                "--extend-search needs a search: an --lr-grid of 2+ rates, no --lr-from."
+            )
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--output-dir {cfg.output_dir} is a file, not a folder.")

@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-from adaptive_moments.experiments import stats
+from adaptive_moments.experiments import report, stats
 from adaptive_moments.experiments.config import PRESETS
 from adaptive_moments.experiments.records import Report, read_json
 
@@ -637,8 +637,7 @@ def render_evidence_index(evidence: Path = EVIDENCE) -> str:
             f"{r['versions'].get('cpu_count')} CPU cores ({r['versions'].get('platform')})",
             f"- task: {r['task']['name']} ({r['task']['metric']}); models: {groups}",
             f"- data: {r['data']}",
-            f"- seeds: {cfg['seeds']}; learning-rate grid {cfg['lr_grid']} "
-            f"(x base rate unless absolute), searched on {cfg['tune_seeds']} seed(s)",
+            f"- seeds: {cfg['seeds']}; {_rates_phrase(r)}",
             f"- versions: jax {r['versions'].get('jax')}, optax {r['versions'].get('optax')}, "
             f"flax {r['versions'].get('flax')}",
         ]
@@ -646,6 +645,8 @@ def render_evidence_index(evidence: Path = EVIDENCE) -> str:
             out.append("- per-step train losses dropped after the summary (per-epoch curves kept)")
         if r.get("merged_from"):
             out.append(f"- pooled from: {', '.join(r['merged_from'])}")
+        if cfg.get("extend_search"):
+            out.append(f"- extends the search of: {cfg['extend_search']} (its wall time included)")
     old = sorted((evidence / SUPERSEDED).glob("*.json"))
     if old:
         out += [
@@ -670,6 +671,17 @@ def render_evidence_index(evidence: Path = EVIDENCE) -> str:
         out += ["", "## Pending runs", "", "Claims of the README table with no report yet:", ""]
         out += [f"- `{stem}`: `{cmd}`" for stem, cmd in pending.items()]
     return "\n".join(out) + "\n"
+
+
+def _rates_phrase(r: Report) -> str:
+    """How a report's learning rates were set, for the index."""
+    cfg, g = r["config"], r["groups"][0]
+    tuned_on = sorted({p["seed"] for pts in g.get("search", {}).values() for p in pts})
+    if tuned_on:
+        return f"learning rates searched on seeds {tuned_on}: {report.grid_phrase(cfg, g)}"
+    if cfg.get("lr_from"):
+        return f"learning rates as chosen in {cfg['lr_from']} (no search here)"
+    return "learning rate not tuned"
 
 
 def _replace_between(text: str, body: str) -> str:

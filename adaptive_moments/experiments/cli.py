@@ -139,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="train every optimizer at the rate it chose in this earlier report of the same "
         "comparison (no search): a later sitting whose seeds --merge pools with that one",
     )
+    a(
+        "--extend-search",
+        metavar="JSON",
+        help="train only the --lr-grid rates this earlier search (same options and seeds, "
+        "all searched) lacks, choose over all of them, and report the whole search: a "
+        "choice at the grid's edge searched further without training its rates again",
+    )
     a("--dataset", help="regression_mlp: diabetes (default) or diamonds (20,640 rows)")
     a(
         "--image-size",

@@ -40,6 +40,10 @@ class ExperimentConfig:
     # optimizer trains at the rate it chose there (no search here), so this
     # sitting's seeds can be pooled with that one's by --merge.
     lr_from: str | None = None
+    # A JSON report of a finished search on the same seeds: only the rates of
+    # lr_grid that it lacks train here, and the choice is made over all of them
+    # (see adaptive_moments.experiments.extend).
+    extend_search: str | None = None
     # How the trials of one optimizer share a program: "vmap", "unroll",
     # "sequential" or "auto" (see adaptive_moments.experiments.train.batching_mode).
     batching: str = "auto"

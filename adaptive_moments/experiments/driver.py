@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from adaptive_moments.experiments import checks
+from adaptive_moments.experiments import checks, extend
 from adaptive_moments.experiments.config import ExperimentConfig
 from adaptive_moments.experiments.records import (
     SCHEMA_VERSION,
@@ -111,6 +111,13 @@ def run_experiment(cfg: ExperimentConfig) -> Report:
     fixed = _rates_from(cfg.lr_from, models, [s.label for s in specs]) if cfg.lr_from else None
     if fixed is not None:
         tuned, tune_seeds = False, []
+    infos = {
+        s.label: SpecInfo(
+            name=s.name, kwargs=s.kwargs, base_lr=s.lr if s.lr is not None else cfg.lr
+        )
+        for s in specs
+    }
+    prior = _prior(cfg, infos, models, data.info)
     grid_text = ", ".join(f"{x:.3g}" for x in cfg.lr_grid)
     own = any(s.lr is not None and s.tune for s in specs)
     base_text = f"base {cfg.lr:g}" + (", or a spec's own lr=" if own else "")
@@ -124,6 +131,7 @@ def run_experiment(cfg: ExperimentConfig) -> Report:
             f"  learning rate: tuned on validation over "
             f"{grid_text}"
             f" (seeds {tune_seeds}), then every seed at the chosen rate"
+            + (f", adding to the search in {cfg.extend_search}" if prior else "")
             if tuned
             else f"  learning rate: as each optimizer chose in {cfg.lr_from}"
             if fixed is not None
@@ -133,6 +141,15 @@ def run_experiment(cfg: ExperimentConfig) -> Report:
     )
     searched = [s for s in specs if s.tune] if tuned else []
     runs = len(specs) * len(cfg.seeds) + len(searched) * (len(cfg.lr_grid) - 1) * len(tune_seeds)
+    if prior:  # only the rates the finished search lacks
+        runs = len(tune_seeds) * sum(
+            len(
+                extend.new_rates(
+                    lr_grid(cfg, infos[s.label]["base_lr"]), prior.points(models[0], s.label)
+                )
+            )
+            for s in searched
+        )
     programs = len(specs) + (0 if _sequential(task, cfg) else len(searched))
     eta = _Eta(cfg, len(models) * runs, len(models) * programs)
     groups: list[GroupRecord] = []
@@ -142,6 +159,7 @@ def run_experiment(cfg: ExperimentConfig) -> Report:
             eta.start()  # after the set-up, which later runs do not repeat
         search: dict[str, list[SearchPoint]] = {}
         chosen: dict[str, list[Any]] = {}
+        kept: dict[str, list[Any]] = {}  # --extend-search: the earlier choice stands
         for spec in specs:
             base = spec.lr if spec.lr is not None else cfg.lr
             if fixed is not None:
@@ -150,14 +168,22 @@ def run_experiment(cfg: ExperimentConfig) -> Report:
             grid = lr_grid(cfg, base) if spec_tuned else [base]
             found = []
             if spec_tuned:
-                trials = [Trial(s, lr) for s in tune_seeds for lr in grid]
+                old = prior.points(model_name, spec.label) if prior else []
+                todo = extend.new_rates(grid, old) if prior else grid
+                trials = [Trial(s, lr) for s in tune_seeds for lr in todo]
                 found = train_trials(setup, spec, trials, f"{spec.label} lr search", eta.advance)
-                search[spec.label] = [_point(r) for r in found]
+                search[spec.label] = [*old, *(_point(r) for r in found)]
                 lr = choose_lr(search[spec.label], task.higher_is_better)
                 _log_search(cfg, spec.label, search[spec.label], lr, grid, task.metric)
+                if prior and lr not in todo:
+                    kept[spec.label] = prior.runs(model_name, spec.label, lr)
+                    continue
             else:
                 lr = grid[0]
                 search[spec.label] = []
+                if prior:  # a fixed rate: its runs are done and tested
+                    kept[spec.label] = prior.runs(model_name, spec.label, lr)
+                    continue
             done = tune_seeds if spec_tuned else []
             rest = [Trial(s, lr) for s in cfg.seeds if s not in done]
             final = train_trials(setup, spec, rest, f"{spec.label} seeds", eta.advance)
@@ -176,7 +202,10 @@ def run_experiment(cfg: ExperimentConfig) -> Report:
                 param_order=setup.order,
                 layer_table=str(setup.table.format(None)),
                 search=search,
-                runs={lab: [r.record for r in rs] for lab, rs in chosen.items()},
+                runs={
+                    lab: kept[lab] if lab in kept else [r.record for r in chosen[lab]]
+                    for lab in infos
+                },
             )
         )
     result = Report(
@@ -189,16 +218,31 @@ def run_experiment(cfg: ExperimentConfig) -> Report:
             higher_is_better=task.higher_is_better,
         ),
         data=data.info,
-        optimizers={
-            s.label: SpecInfo(
-                name=s.name, kwargs=s.kwargs, base_lr=s.lr if s.lr is not None else cfg.lr
-            )
-            for s in specs
-        },
+        optimizers=infos,
         groups=groups,
         versions=report.versions(),
     )
-    return report.summarize_and_write(result, name, time.perf_counter() - t_start)
+    # An extended search's report stands for the whole search: its time too.
+    wall = time.perf_counter() - t_start + (prior.wall_time_s if prior else 0.0)
+    return report.summarize_and_write(result, name, wall)
+
+
+def _prior(
+    cfg: ExperimentConfig, infos: dict[str, SpecInfo], models: list[str], data_info: Any
+) -> extend.Prior | None:
+    """The finished search that ``--extend-search`` names, checked, or None."""
+    if cfg.extend_search is None:
+        return None
+    prior = extend.Prior(cfg, list(infos), infos)
+    if prior.models != models:
+        raise ValueError(
+            f"--extend-search {cfg.extend_search} trained models {prior.models}, not {models}."
+        )
+    if prior.report["data"] != data_info:
+        raise ValueError(
+            f"--extend-search {cfg.extend_search} used other data: {prior.report['data']}."
+        )
+    return prior
 
 
 def _rates_from(path: str, models: list[str], labels: list[str]) -> dict[tuple[str, str], float]:

@@ -28,16 +28,26 @@ _FREE = (
     # A sitting may run a subset of the optimizers (a long search split by
     # optimizer); each optimizer's options and rate are checked on their own.
     "optimizers",
+    # A search extended by --extend-search (a wider grid for some optimizers)
+    # is pooled like any other: each optimizer's searched rates are in its
+    # search points, and its chosen rate is checked on its own.
+    "extend_search",
+    "lr_grid",
 )
+
+
+def fixed_config(config: dict[str, Any], free: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The options that must be equal for runs to be pooled, by name."""
+    # A report written before an option existed ran with its default.
+    defaults = dataclasses.asdict(ExperimentConfig())
+    skip = (*_FREE, *free)
+    return {f"config {k}": v for k, v in {**defaults, **config}.items() if k not in skip}
 
 
 def _fixed(r: Report) -> dict[str, Any]:
     """What must be equal for runs to be pooled, by name."""
-    # A report written before an option existed ran with its default.
-    defaults = dataclasses.asdict(ExperimentConfig())
-    cfg = {k: v for k, v in {**defaults, **r["config"]}.items() if k not in _FREE}
     return {
-        **{f"config {k}": v for k, v in cfg.items()},
+        **fixed_config(r["config"]),
         "task": r["task"],
         "data": r["data"],
         "models": [(g["model"], g["num_params"], g["param_order"]) for g in r["groups"]],
@@ -82,7 +92,7 @@ def merge_reports(
     """Combines JSON reports of one comparison run in several sittings.
 
     The reports must agree on the task, the data and every option but the
-    seeds, the optimizers run (and the output names); each optimizer must have
+    seeds, the optimizers run, the rate grid (and the output names); each optimizer must have
     the same options and chosen learning rate wherever it appears, no
     (model, optimizer, seed) may appear twice, and together they must give
     every optimizer the same seeds. So a sitting may run some seeds of every
@@ -142,7 +152,8 @@ def merge_reports(
             )
         )
     specs = list(dict.fromkeys(spec for r in reports for spec in r["config"]["optimizers"]))
-    cfg = dict(first["config"], seeds=sorted(seen), optimizers=specs, plot=plot)
+    grid = sorted({x for r in reports for x in r["config"]["lr_grid"]})
+    cfg = dict(first["config"], seeds=sorted(seen), optimizers=specs, plot=plot, lr_grid=grid)
     if output_dir is not None:
         cfg["output_dir"] = output_dir
     name = name or f"{first['config'].get('name') or first['task']['name']}_merged"

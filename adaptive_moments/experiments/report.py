@@ -220,11 +220,9 @@ def summarize_and_write(result: Report, name: str, wall: float) -> Report:
     for g in result["groups"]:
         g["summary"] = summarize(g, task["higher_is_better"], cfg["target_loss"])
         g["table"] = format_table(g["summary"], task["metric"], cfg["restore_best"])
-        grid = ", ".join(f"{x:.3g}" for x in cfg["lr_grid"])
         tuned_on = sorted({p["seed"] for pts in g["search"].values() for p in pts})
         how = (
-            "learning rate per optimizer chosen on validation from "
-            + (f"[{grid}]" if cfg["lr_grid_absolute"] else f"[{grid}] x its base rate")
+            f"learning rate per optimizer chosen on validation from {grid_phrase(cfg, g)}"
             + f" (searched on seed{'s' * (len(tuned_on) > 1)} {tuned_on})"
             if tuned_on
             else f"learning rate per optimizer as chosen in {cfg['lr_from']}"
@@ -268,6 +266,17 @@ def summarize_and_write(result: Report, name: str, wall: float) -> Report:
     result.setdefault("command", command_line())
     write_json(result, Path(paths["json"]))
     return result
+
+
+def grid_phrase(cfg: dict[str, Any], group: GroupRecord) -> str:
+    """The rates each optimizer searched: the grid, or per optimizer where
+    they differ (a search extended past its edge, then merged)."""
+    rates = {lab: sorted({p["lr"] for p in pts}) for lab, pts in group["search"].items() if pts}
+    if all(len(r) == len(cfg["lr_grid"]) for r in rates.values()):
+        grid = ", ".join(f"{x:.3g}" for x in cfg["lr_grid"])
+        return f"[{grid}]" if cfg["lr_grid_absolute"] else f"[{grid}] x its base rate"
+    each = "; ".join(f"{lab} [{', '.join(f'{x:.3g}' for x in r)}]" for lab, r in rates.items())
+    return f"its own rates ({each})"
 
 
 def drop_step_losses(result: Report) -> None:
