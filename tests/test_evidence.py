@@ -223,6 +223,14 @@ def test_a_split_command_searches_once_and_merges_every_sitting():
         "--merge evidence/ev_s0a.json evidence/ev_s0b.json --output-dir evidence --name ev_s0"
     )
     assert steps[3].endswith("--name ev_s1 --seeds 1 --lr-from evidence/ev_s0.json")
+    # A group whose search is extended past its edge: the merge takes the extension.
+    ext = claims._sittings_command(base, "ev", ((0,),), (("adam",), ("y",)), {0: "1,3,9"})
+    steps = ext.split("`, then `")
+    assert steps[1].endswith(
+        "--name ev_s0a_x --seeds 0 --optimizers adam --lr-grid 1,3,9 "
+        "--extend-search evidence/ev_s0a.json"
+    )
+    assert "--merge evidence/ev_s0a_x.json evidence/ev_s0b.json" in steps[3]
 
 
 # -- fixed-rate specs and later sittings --------------------------------------------

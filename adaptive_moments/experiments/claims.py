@@ -95,12 +95,15 @@ def _sittings_command(
     name: str,
     sittings: tuple[tuple[int, ...], ...],
     first_by_optimizers: tuple[tuple[str, ...], ...] = (),
+    extended: dict[int, str] | None = None,
 ) -> str:
     """``command`` (writing ``evidence/<name>.json``) split into sittings of
     the given seeds and a merge, as Markdown code spans joined by "then" (the
     report table puts the whole in one code span); unsplit without sittings.
     With ``first_by_optimizers`` the first sitting (the search) is itself run
-    as one sitting per group of optimizers (suffixes a, b, ...), merged."""
+    as one sitting per group of optimizers (suffixes a, b, ...), merged; a
+    group in ``extended`` (its index -> a wider ``--lr-grid``) then has its
+    search extended to that grid (suffix ``_x``), and the merge takes that."""
     if not sittings:
         return command
     steps, files = [], []
@@ -119,8 +122,17 @@ def _sittings_command(
             parts = []
             for letter, group in zip("abcdefgh", first_by_optimizers, strict=False):
                 part = cmd.replace(f"--name {name}{suffix}", f"--name {name}{suffix}{letter}")
-                steps.append(part + " --optimizers " + " ".join(group))
-                parts.append(f"evidence/{name}{suffix}{letter}.json")
+                part += " --optimizers " + " ".join(group)
+                steps.append(part)
+                out = f"evidence/{name}{suffix}{letter}.json"
+                grid = (extended or {}).get(len(parts))
+                if grid is not None:  # its choice fell on the grid's edge
+                    steps.append(
+                        part.replace(f"{suffix}{letter} ", f"{suffix}{letter}_x ")
+                        + f" --lr-grid {grid} --extend-search {out}"
+                    )
+                    out = out.replace(".json", "_x.json")
+                parts.append(out)
             cmd = (
                 f"python -m adaptive_moments.experiments --merge {' '.join(parts)} "
                 f"--output-dir evidence --name {name}{suffix}"
@@ -221,7 +233,8 @@ _EX_GPT_CMD = _sittings_command(
 # char-GPT at the longest budget: up to 200 epochs (every Adam run of the
 # seed-0 search reached the cap, ~29 min per run beside another sitting):
 # seed 0's search one optimizer per sitting (3 runs each), then one seed
-# (2 runs) per sitting. The preset's tuned pair shares one grid.
+# (2 runs) per sitting. The preset's tuned pair shares one grid; Adam chose
+# its top, so its search was extended by one rate above it (x 9).
 _ADAM_GPT_LONG, _EXADAM_GPT_LONG = PRESETS["gpt_exadam_long_evidence"]["optimizers"]
 _EX_GPT_LONG_CMD = _sittings_command(
     "python -m adaptive_moments.experiments --preset gpt_exadam_long_evidence "
@@ -229,6 +242,7 @@ _EX_GPT_LONG_CMD = _sittings_command(
     "exadam_gpt_long",
     _seed_per_sitting("gpt_exadam_long_evidence"),
     first_by_optimizers=((_ADAM_GPT_LONG,), (_EXADAM_GPT_LONG,)),
+    extended={0: "0.3333333333333333,1,3,9"},
 )
 # Whole F-MNIST, 30 epochs every run (no early stopping in this protocol),
 # ~14 min per run quiet, ~21 min beside another sitting (measured): seed 0's

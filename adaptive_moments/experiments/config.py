@@ -306,7 +306,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # first noise-sized stall, so the stopping point, not the rate, decided
     # the search (BUILD_NOTES, Evidence). One grid for both optimizers,
     # centred between the patience-6 searches' best rates. At patience 20
-    # Adam's runs all reached the cap: a fixed 20,000-step comparison.
+    # Adam's runs all reached the cap: a fixed 20,000-step comparison. Adam
+    # chose the grid's top, so its search is extended by one rate above it
+    # (--extend-search with the grid [1/3, 1, 3, 9]; the claims recipe shows it).
     "gpt_exadam_long_evidence": dict(
         step_losses=False,
         task="shakespeare_gpt",
