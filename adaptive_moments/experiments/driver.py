@@ -117,7 +117,7 @@ def run_experiment(cfg: ExperimentConfig) -> Report:
         )
         for s in specs
     }
-    prior = _prior(cfg, infos, models, data.info)
+    prior = extend.Prior(cfg, infos, models, data.info) if cfg.extend_search else None
     grid_text = ", ".join(f"{x:.3g}" for x in cfg.lr_grid)
     own = any(s.lr is not None and s.tune for s in specs)
     base_text = f"base {cfg.lr:g}" + (", or a spec's own lr=" if own else "")
@@ -225,24 +225,6 @@ def run_experiment(cfg: ExperimentConfig) -> Report:
     # An extended search's report stands for the whole search: its time too.
     wall = time.perf_counter() - t_start + (prior.wall_time_s if prior else 0.0)
     return report.summarize_and_write(result, name, wall)
-
-
-def _prior(
-    cfg: ExperimentConfig, infos: dict[str, SpecInfo], models: list[str], data_info: Any
-) -> extend.Prior | None:
-    """The finished search that ``--extend-search`` names, checked, or None."""
-    if cfg.extend_search is None:
-        return None
-    prior = extend.Prior(cfg, list(infos), infos)
-    if prior.models != models:
-        raise ValueError(
-            f"--extend-search {cfg.extend_search} trained models {prior.models}, not {models}."
-        )
-    if prior.report["data"] != data_info:
-        raise ValueError(
-            f"--extend-search {cfg.extend_search} used other data: {prior.report['data']}."
-        )
-    return prior
 
 
 def _rates_from(path: str, models: list[str], labels: list[str]) -> dict[tuple[str, str], float]:

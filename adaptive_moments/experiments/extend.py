@@ -24,7 +24,9 @@ from adaptive_moments.experiments.records import Report, RunRecord, SearchPoint,
 class Prior:
     """The finished search that a sitting extends, checked against it."""
 
-    def __init__(self, cfg: ExperimentConfig, labels: list[str], infos: dict[str, Any]):
+    def __init__(
+        self, cfg: ExperimentConfig, infos: dict[str, Any], models: list[str], data_info: Any
+    ):
         import dataclasses
 
         from adaptive_moments.experiments.merge import fixed_config
@@ -34,6 +36,7 @@ class Prior:
         self.path = path
         self.report: Report = read_json(path)
         r = self.report
+        labels = list(infos)
         mine = fixed_config(dataclasses.asdict(cfg), free=("lr_grid",))
         theirs = fixed_config(r["config"], free=("lr_grid",))
         diff = [k for k in mine if mine[k] != theirs[k]]
@@ -57,6 +60,10 @@ class Prior:
                 f"(searched on {r['config']['tune_seeds']}), this sitting {seeds} "
                 f"(--tune-seeds {cfg.tune_seeds})."
             )
+        if self.models != models:
+            raise ValueError(f"--extend-search {path} trained models {self.models}, not {models}.")
+        if r["data"] != data_info:
+            raise ValueError(f"--extend-search {path} used other data: {r['data']}.")
         for g in r["groups"]:
             for lab in labels:
                 got = {p["seed"] for p in g["search"].get(lab, [])}
