@@ -39,6 +39,9 @@ def test_readme_claims_table_and_evidence_index_are_up_to_date():
         ("step", 0.1, (-0.2, 0.4), 0.6, "no larger than a step-size change"),
         ("step", 0.5, (0.1, 0.9), 0.01, "more than a step-size change"),
         ("step", -0.5, (-0.9, -0.1), 0.01, "worse than Adam at the step-matched rate"),
+        # The CI excludes 0 but Holm does not: never "the CI includes ...".
+        ("step", -1.2, (-1.8, -0.6), 0.14, "not shown either way: worse by its CI, not sig"),
+        ("null", 0.5, (0.1, 0.9), 0.09, "not a null either: better by its CI, not significant"),
         ("better", 0.5, (math.nan, math.nan), math.nan, "too few seeds"),
     ],
 )

@@ -501,23 +501,28 @@ def _verdict(kind: Kind, diff: float, ci: tuple[float, float], p_holm: float) ->
     excludes_zero = ci[0] > 0 or ci[1] < 0
     significant = excludes_zero and math.isfinite(p_holm) and p_holm < ALPHA
     better = diff > 0
+    side = "better" if better else "worse"
+    # An interval that excludes 0 but fails Holm is neither a null nor an effect:
+    # every kind says so rather than calling it "includes 0".
+    not_after_holm = f"{side} by its CI, not significant after Holm over the table"
     if kind == "step":
-        if not significant:
-            return (
-                "no larger than a step-size change: the CI includes Adam at the step-matched rate"
-            )
-        if better:
-            return "more than a step-size change: better than Adam at the step-matched rate"
-        return "worse than Adam at the step-matched rate"
+        if significant:
+            if better:
+                return "more than a step-size change: better than Adam at the step-matched rate"
+            return "worse than Adam at the step-matched rate"
+        if excludes_zero:
+            return f"not shown either way: {not_after_holm} (vs Adam at the step-matched rate)"
+        return "no larger than a step-size change: the CI includes Adam at the step-matched rate"
     if kind == "null":
-        if not significant:
-            return "no difference detected here either; the CI bounds it (not proof of none)"
-        return f"differs from the paper's null: {'better' if better else 'worse'} than Adam"
+        if significant:
+            return f"differs from the paper's null: {side} than Adam"
+        if excludes_zero:
+            return f"not a null either: {not_after_holm}"
+        return "no difference detected here either; the CI bounds it (not proof of none)"
     if significant:
         return "consistent with the paper: better" if better else "not reproduced: worse"
     if excludes_zero:
-        side = "better" if better else "worse"
-        return f"not shown: {side} by its CI, not significant after Holm over the table"
+        return f"not shown: {not_after_holm}"
     return "not shown: the CI includes 0"
 
 
