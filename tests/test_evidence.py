@@ -88,6 +88,9 @@ def _report(metric_by_label: dict[str, list[float]], higher: bool = True) -> dic
                             "seeds": seeds,
                             "test_metric": [float(v) for v in vals],
                             "lr_at_grid_edge": lab == "s",
+                            # g was tuned (its spec's lr= is the grid's centre); a was not
+                            "lr_grid": [1e-3, 3e-3, 9e-3] if lab == "g" else [1e-3],
+                            "lr": 3e-3 if lab == "g" else 1e-3,
                             # g's best epoch on seed 0 is 9 of 10 (patience 3): still improving
                             "test_epoch": [9 if lab == "g" and i == 0 else 5 for i in seeds],
                         }
@@ -136,6 +139,8 @@ def test_rows_recompute_paired_statistics_with_holm_over_the_table(tmp_path, mon
     assert rows[3].status == "pending" and rows[4].status == "untestable"
     text = claims.render_table(rows)
     assert "+2" in text.splitlines()[2] and "points" in text.splitlines()[2]  # accuracy in points
+    # The rate a tuned optimizer ran at is shown; a fixed one's is its spec.
+    assert "| `g` (tuned: lr 0.003) vs `a` |" in text.splitlines()[2]
     assert "no data" in text and "pending" in text
     index = claims.render_evidence_index(tmp_path)
     assert "## Pending runs" in index and "`missing`: `run it`" in index

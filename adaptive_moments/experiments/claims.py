@@ -400,6 +400,9 @@ class Row:
     ours: str = ""  # a mechanism row's finding
     edge: tuple[str, ...] = ()  # labels whose chosen rate is at the grid's edge
     capped: tuple[str, ...] = ()  # labels stopped by the epoch cap while still improving
+    # label -> the rate its search chose; only tuned labels (a grid of more than one
+    # rate), whose spec's ``lr=`` names the grid's centre, not the rate that ran.
+    chosen: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def _group(report: Report, model: str | None, path: Path) -> dict:
@@ -438,6 +441,11 @@ def _compare(row: Row, report: Report, path: Path) -> None:
     row.capped = tuple(
         lab for lab in (c.optimizer, c.baseline) if _still_improving(report["config"], summary[lab])
     )
+    row.chosen = {
+        lab: summary[lab]["lr"]
+        for lab in (c.optimizer, c.baseline)
+        if len(summary[lab].get("lr_grid", ())) > 1
+    }
 
 
 def _still_improving(config: dict, summary: dict) -> bool:
@@ -592,6 +600,10 @@ def _ours(r: Row) -> str:
     return f"{_num(d)}{unit} [{_num(lo)}, {_num(hi)}] ({_num(r.rel_pct)} % rel.)"
 
 
+def _ran_at(r: Row, label: str) -> str:
+    return f" (tuned: lr {r.chosen[label]:.3g})" if label in r.chosen else ""
+
+
 def render_table(rows: list[Row]) -> str:
     lines = [
         "| claim (paper's number and units) | comparison | ours: Δ [95 % CI] | p (Holm) | n | "
@@ -607,7 +619,8 @@ def render_table(rows: list[Row]) -> str:
             ev = f"[{c.evidence.split('/')[0]}](evidence/README.md#{c.evidence.split('/')[0]})"
         else:
             model = f" on {c.model}" if c.model else ""
-            comp = f"`{c.optimizer}` vs `{c.baseline}`{model}"
+            comp = f"`{c.optimizer}`{_ran_at(r, c.optimizer)} vs `{c.baseline}`"
+            comp += f"{_ran_at(r, c.baseline)}{model}"
             ev = f"[{c.evidence}](evidence/README.md#{c.evidence})"
             if r.status == "pending":
                 ev = f"pending: [{c.evidence}](evidence/README.md#pending-runs)"
