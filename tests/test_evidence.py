@@ -36,7 +36,7 @@ def test_readme_claims_table_and_evidence_index_are_up_to_date():
         ("better", 0.5, (0.1, 0.9), 0.09, "better by its CI, not significant after Holm"),
         ("null", 0.1, (-0.2, 0.4), 0.6, "no difference detected here either"),
         ("null", 0.5, (0.1, 0.9), 0.01, "differs from the paper's null: better"),
-        ("step", 0.1, (-0.2, 0.4), 0.6, "no larger than a step-size change"),
+        ("step", 0.1, (-0.2, 0.4), 0.6, "not shown to be more than a step-size change"),
         ("step", 0.5, (0.1, 0.9), 0.01, "more than a step-size change"),
         ("step", -0.5, (-0.9, -0.1), 0.01, "worse than Adam at the step-matched rate"),
         # The CI excludes 0 but Holm does not: never "the CI includes ...".
@@ -47,6 +47,21 @@ def test_readme_claims_table_and_evidence_index_are_up_to_date():
 )
 def test_verdict_words_follow_the_interval_and_holm(kind, diff, ci, p_holm, words):
     assert words in claims.verdict(kind, diff, ci, p_holm)
+
+
+@pytest.mark.parametrize(
+    "narrower, wider, words",
+    [
+        (["a", "b"], [], "observed in every tensor"),
+        ([], ["a", "b"], "not observed: wider in every tensor"),
+        (["a", "b"], ["c"], "in most tensors: wider in 1 of 3 (c)"),
+        # 3 of 8 narrower is not "partly" the paper's mechanism: say it mostly failed.
+        (["a", "b", "c"], ["d", "e", "f", "g", "h"], "mostly not: wider in 5 of 8 tensors"),
+        (["a"], ["b"], "mostly not: wider in 1 of 2 tensors (b)"),
+    ],
+)
+def test_mechanism_verdict_counts_the_tensors(narrower, wider, words):
+    assert claims.mechanism_verdict(narrower, wider).startswith(words)
 
 
 def test_verdict_says_when_the_interval_excludes_the_papers_effect():
@@ -147,6 +162,10 @@ def test_rows_recompute_paired_statistics_with_holm_over_the_table(tmp_path, mon
     assert "## ev" in index and "--name ev" in index and "12 s" in index
     assert "Superseded" not in index
     assert rows[3].verdict == "not run yet"
+    # With nothing pending the heading stays (pending rows link to it) and says so.
+    monkeypatch.setattr(claims, "CLAIMS", table[:3])
+    assert "## Pending runs\n\nNone: every claim" in claims.render_evidence_index(tmp_path)
+    monkeypatch.setattr(claims, "CLAIMS", table)
 
     # Sittings of whole seeds count; a part of a seed (some optimizers) does not.
     def sitting(name: str, seeds: list[int]) -> None:
