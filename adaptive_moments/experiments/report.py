@@ -144,8 +144,9 @@ def table_header(summary: Summary, metric: str, restore_best: bool) -> str:
     unit = "points (percentage points)" if metric == "accuracy" else f"{metric} units"
     return (
         f"Differences to {base}, per seed (same initial weights, same batches), signed so "
-        f"that + = better ({better} {metric}); Δ in {unit} with its 95 % t CI; p: paired "
-        f"t-test; p_Holm: Holm's adjustment over the {n_rows} rows; d_z: mean / sd of the "
+        f"that + = better ({better} {metric}); Δ in {unit} with its 95 % t CI; Δ %: the "
+        f"relative change, 100 Δ / |{base}'s mean|; p: paired t-test; p_Holm: Holm's "
+        f"adjustment over the {n_rows} rows; d_z: mean / sd of the "
         f"per-seed differences. Test metric from the weights of the epoch shown "
         f"({'best validation loss' if restore_best else 'the last epoch'}); train loss of "
         f"that same epoch."
@@ -170,7 +171,7 @@ def format_table(summary: Summary, metric: str, restore_best: bool) -> str:
         "p_Holm",
         "d_z",
         "test weights: epoch",
-        "train loss (that epoch)",
+        "train loss (that epoch's mean)",
         (
             f"steps to {base}'s final train loss ({w}-step mean, {_fmt(target, 3)})"
             if np.isfinite(target)
