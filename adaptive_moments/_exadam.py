@@ -109,7 +109,11 @@ def scale_by_exadam(
             f1 = a1 + c1 * (e / (v + e))
             f2 = a2 + c2 * (e / (_moments.abs_sq(m) + e))
             # Real factors, cast to cd: a no-op unless the leaf is complex.
-            out = (m + g32) * _moments.cast(f1, cd) / _moments.cast(jnp.sqrt(v * f2) + e, cd)
+            # f1 / denominator first, then m and g each times it: (m + g) * f1
+            # overflows float32 from |g| ~ 2e37 (f1 ~ 20 at t = 1) while the
+            # denominator is inf, and inf / inf is NaN where optax.adam gives 0.
+            r = _moments.cast(f1 / (jnp.sqrt(v * f2) + e), cd)
+            out = m * r + g32 * r
             if log_step_size:
                 out = _moments.cast(log_factor, cd) * out
             return _moments.cast(out, g.dtype)

@@ -74,7 +74,10 @@ def _all_finite(tree) -> bool:
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
-@pytest.mark.parametrize("scale", [1e-30, 1e-8, 1e9, 1.3e11, 1e19, 1e20, 1e30, 1e37])
+# Up to float32's top: magnitudes reach 1.5 x 2e38 = 3e38 (max 3.4e38).
+@pytest.mark.parametrize(
+    "scale", [1e-30, 1e-8, 1e9, 1.3e11, 1e19, 1e20, 1e30, 1e37, 2e37, 1e38, 2e38]
+)
 def test_finite_wherever_adam_is_finite(name, scale):
     grads = _layered(scale)
     params = jax.tree.map(jnp.zeros_like, grads)
@@ -265,9 +268,7 @@ def test_complex_exadam_matches_float64_formula():
     m, v = (1 - b1) * g, (1 - b2) * np.abs(g) ** 2
     d1 = 1 + v / (v + eps) * b2
     d2 = 1 + np.abs(m) ** 2 / (np.abs(m) ** 2 + eps) * b1
-    expected = -((m / (1 - b1)) * d1 + (g / (1 - b1)) * d1) / (
-        np.sqrt(v / (1 - b2) * d2) + eps
-    )
+    expected = -((m / (1 - b1)) * d1 + (g / (1 - b1)) * d1) / (np.sqrt(v / (1 - b2) * d2) + eps)
     (u,) = _steps(am.exadam(1.0), [jnp.asarray(g, jnp.complex64)], jnp.zeros(4, jnp.complex64))
     np.testing.assert_allclose(np.asarray(u), expected, rtol=2e-6)
 
@@ -348,7 +349,10 @@ def test_stacked_table_of_another_length_is_rejected(make):
 
 def test_table_of_global_shapes_serves_shards_inside_shard_map():
     mesh = jax.make_mesh((4,), ("x",))
-    params = {"a": {"kernel": jnp.arange(32.0).reshape(8, 4) / 32}, "b": {"kernel": jnp.ones((4, 2))}}
+    params = {
+        "a": {"kernel": jnp.arange(32.0).reshape(8, 4) / 32},
+        "b": {"kernel": jnp.ones((4, 2))},
+    }
     specs = {"a": {"kernel": P("x")}, "b": {"kernel": P()}}
     table = am.layer_table(params)
     tx = am.set_adam(1e-2, layers=table, axis_name={"a/kernel": "x"})
@@ -361,7 +365,9 @@ def test_table_of_global_shapes_serves_shards_inside_shard_map():
     u = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(specs,), out_specs=specs))(sharded)
     single = am.set_adam(1e-2, layers=table)
     want, _ = single.update(params, single.init(params))
-    np.testing.assert_allclose(np.asarray(u["a"]["kernel"]), np.asarray(want["a"]["kernel"]), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(u["a"]["kernel"]), np.asarray(want["a"]["kernel"]), rtol=1e-6
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -396,7 +402,11 @@ def test_good_learning_rates_still_accepted(factory):
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_integer_and_float0_leaves_stay_unchanged(name):
-    params = {"w": jnp.ones((3, 2)), "step": jnp.array(7, jnp.int32), "mask": jnp.array([True, False])}
+    params = {
+        "w": jnp.ones((3, 2)),
+        "step": jnp.array(7, jnp.int32),
+        "mask": jnp.array([True, False]),
+    }
 
     def loss(p):
         return jnp.sum(p["w"] ** 2) * p["step"].astype(jnp.float32)
@@ -412,7 +422,11 @@ def test_integer_and_float0_leaves_stay_unchanged(name):
     np.testing.assert_array_equal(np.asarray(new["mask"]), [True, False])
     assert bool(jnp.all(new["w"] < 1.0))
     # integer gradients (computed by hand), under jit, and without params
-    int_grads = {"w": grads["w"], "step": jnp.array(3, jnp.int32), "mask": jnp.array([1, 1], jnp.int32)}
+    int_grads = {
+        "w": grads["w"],
+        "step": jnp.array(3, jnp.int32),
+        "mask": jnp.array([1, 1], jnp.int32),
+    }
     updates, state = jax.jit(tx.update)(int_grads, state, params)
     new = optax.apply_updates(params, updates)
     assert int(new["step"]) == 7
