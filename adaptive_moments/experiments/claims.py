@@ -256,6 +256,8 @@ _EX_GPT_OVERFIT_CMD = _sittings_command(
     "exadam_gpt_overfit",
     _seed_per_sitting("gpt_exadam_overfit_evidence"),
     first_by_optimizers=((_ADAM_GPT_OVERFIT,), (_EXADAM_GPT_OVERFIT,)),
+    # EXAdam chose the grid's bottom on seed 0 (2026-12-04): one rate below.
+    extended={1: "0.1111111111111111,0.3333333333333333,1,3,9"},
 )
 # Whole F-MNIST, 30 epochs every run (no early stopping in this protocol),
 # ~14 min per run quiet, ~21 min beside another sitting (measured): seed 0's
