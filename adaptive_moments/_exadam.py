@@ -109,11 +109,13 @@ def scale_by_exadam(
             f1 = a1 + c1 * (e / (v + e))
             f2 = a2 + c2 * (e / (_moments.abs_sq(m) + e))
             # Real factors, cast to cd: a no-op unless the leaf is complex.
-            # f1 / denominator first, then m and g each times it: (m + g) * f1
-            # overflows float32 from |g| ~ 2e37 (f1 ~ 20 at t = 1) while the
-            # denominator is inf, and inf / inf is NaN where optax.adam gives 0.
-            r = _moments.cast(f1 / (jnp.sqrt(v * f2) + e), cd)
-            out = m * r + g32 * r
+            # f1 / denominator first: (m + g) * f1 overflowed float32 from
+            # |g| ~ 2e37 (f1 ~ 20 at t = 1) while the denominator was inf, and
+            # inf / inf is NaN where optax.adam gives 0. m + g is halved (exact
+            # for normal numbers) so that it cannot overflow either. r is used
+            # once: m * r + g * r made XLA:CPU materialise r, 2.3x the step.
+            r = _moments.cast(2 * f1 / (jnp.sqrt(v * f2) + e), cd)
+            out = (0.5 * m + 0.5 * g32) * r
             if log_step_size:
                 out = _moments.cast(log_factor, cd) * out
             return _moments.cast(out, g.dtype)
