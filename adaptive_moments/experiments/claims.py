@@ -231,33 +231,40 @@ _EX_GPT_CMD = _sittings_command(
     _seed_per_sitting("gpt_exadam_evidence"),
     first_by_optimizers=(("adam", "exadam"), _EX_FIXED),
 )
+
+
+def _gpt_pair(preset: str, name: str, extended: dict[int, str]) -> tuple[str, str, str]:
+    """A char-GPT preset's tuned (Adam, EXAdam) pair and its sittings: seed 0's
+    search one optimizer per sitting (``extended``: whose search was widened),
+    then one seed per sitting."""
+    adam, exadam = PRESETS[preset]["optimizers"]
+    command = _sittings_command(
+        f"python -m adaptive_moments.experiments --preset {preset} --output-dir evidence "
+        f"--name {name}",
+        name,
+        _seed_per_sitting(preset),
+        first_by_optimizers=((adam,), (exadam,)),
+        extended=extended,
+    )
+    return adam, exadam, command
+
+
 # char-GPT at the longest budget: up to 200 epochs (every Adam run of the
 # seed-0 search reached the cap, ~29 min per run beside another sitting):
 # seed 0's search one optimizer per sitting (3 runs each), then one seed
 # (2 runs) per sitting. The preset's tuned pair shares one grid; Adam chose
 # its top, so its search was extended by one rate above it (x 9).
-_ADAM_GPT_LONG, _EXADAM_GPT_LONG = PRESETS["gpt_exadam_long_evidence"]["optimizers"]
-_EX_GPT_LONG_CMD = _sittings_command(
-    "python -m adaptive_moments.experiments --preset gpt_exadam_long_evidence "
-    "--output-dir evidence --name exadam_gpt_long",
-    "exadam_gpt_long",
-    _seed_per_sitting("gpt_exadam_long_evidence"),
-    first_by_optimizers=((_ADAM_GPT_LONG,), (_EXADAM_GPT_LONG,)),
-    extended={0: "0.3333333333333333,1,3,9"},
+_ADAM_GPT_LONG, _EXADAM_GPT_LONG, _EX_GPT_LONG_CMD = _gpt_pair(
+    "gpt_exadam_long_evidence", "exadam_gpt_long", {0: "0.3333333333333333,1,3,9"}
 )
 # char-GPT on a 30,000-char training subset, where this model overfits and
 # early stopping ends each run at its best (a pilot: ~7 min per run beside
-# another sitting): seed 0's search one optimizer per sitting (4 runs each),
-# then one seed (2 runs) per sitting.
-_ADAM_GPT_OVERFIT, _EXADAM_GPT_OVERFIT = PRESETS["gpt_exadam_overfit_evidence"]["optimizers"]
-_EX_GPT_OVERFIT_CMD = _sittings_command(
-    "python -m adaptive_moments.experiments --preset gpt_exadam_overfit_evidence "
-    "--output-dir evidence --name exadam_gpt_overfit",
+# another sitting), 4 rates per search. EXAdam chose the grid's bottom on
+# seed 0 (2026-12-04), so its search was extended one rate below it.
+_ADAM_GPT_OVERFIT, _EXADAM_GPT_OVERFIT, _EX_GPT_OVERFIT_CMD = _gpt_pair(
+    "gpt_exadam_overfit_evidence",
     "exadam_gpt_overfit",
-    _seed_per_sitting("gpt_exadam_overfit_evidence"),
-    first_by_optimizers=((_ADAM_GPT_OVERFIT,), (_EXADAM_GPT_OVERFIT,)),
-    # EXAdam chose the grid's bottom on seed 0 (2026-12-04): one rate below.
-    extended={1: "0.1111111111111111,0.3333333333333333,1,3,9"},
+    {1: "0.1111111111111111,0.3333333333333333,1,3,9"},
 )
 # Whole F-MNIST, 30 epochs every run (no early stopping in this protocol),
 # ~14 min per run quiet, ~21 min beside another sitting (measured): seed 0's
