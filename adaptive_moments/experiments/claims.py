@@ -451,7 +451,8 @@ class Row:
     edge: tuple[str, ...] = ()  # labels whose chosen rate is at the grid's edge
     capped: tuple[str, ...] = ()  # labels stopped by the epoch cap while still improving
     # label -> the rate its search chose; only tuned labels (a grid of more than one
-    # rate), whose spec's ``lr=`` names the grid's centre, not the rate that ran.
+    # rate), whose spec's ``lr=`` sets the grid (its multiples apply to it), not the
+    # rate that ran.
     chosen: dict[str, float] = dataclasses.field(default_factory=dict)
 
 

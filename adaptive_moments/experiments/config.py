@@ -328,8 +328,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # training subset puts this model in that regime: in a pilot (seed 0, the
     # long claim's rates) the validation loss flattened by epoch 25-35 while the
     # train loss kept falling (1.73 vs 2.16), so patience 20 ends each run at
-    # its best. One 4-rate grid for both (5.77e-4..1.56e-2), wide enough that
-    # no choice needs an extension; cap 100 epochs (10,000 steps).
+    # its best. One 4-rate grid for both (5.77e-4..1.56e-2); EXAdam chose its
+    # bottom on seed 0, so its search was extended one rate below (claims.py);
+    # cap 100 epochs (10,000 steps).
     "gpt_exadam_overfit_evidence": dict(
         step_losses=False,
         task="shakespeare_gpt",
