@@ -10,8 +10,9 @@ Sections (each timed; a failing section is recorded and the others still run):
   step, and the floor of an Adam-like update: read params, grads, m, v and
   write params, m, v: 7 x 4 bytes per parameter), the bandwidth that implies
   and its fraction of the measured copy bandwidth (the roofline);
-* ``compile``: ``step_time.py``'s compile cases: optimizer step on 1,000 leaves
-  and the whole train step of a 24-block unscanned transformer;
+* ``compile`` (run last): ``step_time.py``'s compile cases, smaller than on
+  CPU and for five candidates: optimizer step on 250 leaves and the whole train
+  step of an 8-block unscanned transformer;
 * ``sharding``: every optimizer's jitted step with the parameters sharded over
   all devices of the default backend, against the same step on one device;
   and ``tests/test_sharding.py`` on 8 forced CPU devices (``JAX_PLATFORMS=cpu``,
@@ -22,7 +23,9 @@ Sections (each timed; a failing section is recorded and the others still run):
 Everything goes to ``summary.{json,md}`` in ``--out``. With
 ``--small`` every section runs at toy sizes (CPU, under a minute):
 ``tests/test_gpu_check.py`` runs it so this script cannot rot. On a GPU run
-``benchmarks/gpu_check.sh [OUT]`` (about 5-8 minutes on one GPU).
+``benchmarks/gpu_check.sh [OUT]``: on an H200 (2026-12-04) the sections
+before ``compile`` took 4.6 minutes. ``--ab FILE`` adds another version's
+optimizers to the step section (as ``step_time.py --ab``).
 """
 
 from __future__ import annotations
@@ -61,6 +64,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="comma list of sections to run",
     )
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds per tree")
+    parser.add_argument(
+        "--ab",
+        default=None,
+        help="a copy of a library module (as step_time.py --ab): its optimizers join the "
+        "step section as <name>_ab, interleaved with the current ones",
+    )
     return parser.parse_args(argv)
 
 
@@ -140,7 +149,9 @@ def device_section(small: bool) -> dict[str, Any]:
 
 
 def _names(small: bool) -> list[str]:
-    return list(SMALL_CANDIDATES) if small else list(st.CANDIDATES)
+    if not small:
+        return list(st.CANDIDATES)
+    return [*SMALL_CANDIDATES, *(n for n in st.CANDIDATES if n.endswith("_ab"))]
 
 
 def step_section(small: bool, rounds: int | None, copy_bw: float | None) -> dict[str, Any]:
@@ -184,9 +195,17 @@ def step_section(small: bool, rounds: int | None, copy_bw: float | None) -> dict
     return out
 
 
+# The compile section on a GPU: fewer candidates and sizes than the CPU
+# benchmark's (1,000 leaves, 24 blocks). On an H200 (2026-12-04) all eight
+# candidates at the CPU sizes had not finished after 200 s: XLA:GPU compiles
+# every kernel through ptxas, so the section would eat the device budget.
+GPU_COMPILE_CANDIDATES = ("adam", "caadam_depth", "set_adam", "exadam", "adam_control")
+GPU_COMPILE_LEAVES, GPU_COMPILE_BLOCKS = 250, 8
+
+
 def compile_section(small: bool) -> dict[str, Any]:
-    names = _names(small)
-    leaves, blocks, reps = (40, 1, 1) if small else (1000, 24, 1)
+    names = _names(small) if small else list(GPU_COMPILE_CANDIDATES)
+    leaves, blocks, reps = (40, 1, 1) if small else (GPU_COMPILE_LEAVES, GPU_COMPILE_BLOCKS, 1)
     out = {}
     rows = st.compile_case(names, st.small_leaves_shapes(leaves), reps, st.COMPILE_TARGET)
     out[f"compile-{leaves}"] = {"leaves": leaves, "rows": rows}
@@ -255,14 +274,31 @@ def experiments_section(small: bool, out_dir: Path) -> dict[str, Any]:
     exp_dir = out_dir / "experiments"
     if small:
         cmd = [
-            "--task", "regression_mlp", "--optimizers", "adam", "caadam", "--seeds", "0", "1",
-            "--epochs", "1",
+            "--task",
+            "regression_mlp",
+            "--optimizers",
+            "adam",
+            "caadam",
+            "--seeds",
+            "0",
+            "1",
+            "--epochs",
+            "1",
         ]
     else:
         # The main job (Fashion-MNIST CNN, every default optimizer), 3 seeds vmapped.
         cmd = ["--preset", "quick", "--epochs", "2"]
-    argv = [sys.executable, "-m", "adaptive_moments.experiments", *cmd, *common,
-            "--output-dir", str(exp_dir), "--name", "gpu_check"]
+    argv = [
+        sys.executable,
+        "-m",
+        "adaptive_moments.experiments",
+        *cmd,
+        *common,
+        "--output-dir",
+        str(exp_dir),
+        "--name",
+        "gpu_check",
+    ]
     result = _run(argv, timeout=150 if small else 240)
     result["reports"] = sorted(str(p.relative_to(out_dir)) for p in exp_dir.glob("*.json"))
     return result
@@ -272,14 +308,23 @@ def _run(argv: list[str], env: dict[str, str] | None = None, timeout: int = 300)
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(
-            argv, cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True,
+            argv,
+            cwd=ROOT,
+            env={**os.environ, **(env or {})},
+            capture_output=True,
+            text=True,
             timeout=timeout,
         )
         rc, tail = proc.returncode, (proc.stdout + proc.stderr)[-4000:]
     except subprocess.TimeoutExpired as e:
         rc, tail = "timeout", str(e.stdout or "")[-4000:]
-    return {"command": " ".join(argv), "rc": rc, "ok": rc == 0, "seconds": time.perf_counter() - t0,
-            "output_tail": tail}
+    return {
+        "command": " ".join(argv),
+        "rc": rc,
+        "ok": rc == 0,
+        "seconds": time.perf_counter() - t0,
+        "output_tail": tail,
+    }
 
 
 # ---------------------------------------------------------------------------
@@ -289,8 +334,10 @@ def _run(argv: list[str], env: dict[str, str] | None = None, timeout: int = 300)
 def _markdown(summary: dict[str, Any]) -> str:
     lines = ["# GPU check", ""]
     meta = summary["meta"]
-    lines.append(f"{meta['device_kind']} x{meta['num_devices']} ({meta['backend']}), "
-                 f"jax {meta['jax']}, small={meta['small']}, {meta['date']}")
+    lines.append(
+        f"{meta['device_kind']} x{meta['num_devices']} ({meta['backend']}), "
+        f"jax {meta['jax']}, small={meta['small']}, {meta['date']}"
+    )
     lines.append("")
     for name, sec in summary["sections"].items():
         status = "ok" if sec["ok"] else f"FAILED: {sec.get('error', '')}"
@@ -299,34 +346,49 @@ def _markdown(summary: dict[str, Any]) -> str:
         res = sec.get("result") or {}
         if name == "device" and res:
             spec = res["peak_bandwidth_spec"]
-            lines.append(f"copy kernel {res['copy_bandwidth'] / 1e9:.1f} GB/s; data sheet "
-                         f"{'-' if spec is None else f'{spec / 1e9:.0f} GB/s'}")
+            lines.append(
+                f"copy kernel {res['copy_bandwidth'] / 1e9:.1f} GB/s; data sheet "
+                f"{'-' if spec is None else f'{spec / 1e9:.0f} GB/s'}"
+            )
         elif name == "step":
             for case, c in res.items():
-                lines += [f"{case}: {c['params'] / 1e6:.2f}M params, {c['leaves']} leaves", "",
-                          "| optimizer | median ms | ratio | bytes/step (XLA) | "
-                          "roofline (XLA bytes) | roofline (7x4 B floor) |",
-                          "|---|---|---|---|---|---|"]
+                lines += [
+                    f"{case}: {c['params'] / 1e6:.2f}M params, {c['leaves']} leaves",
+                    "",
+                    "| optimizer | median ms | ratio | bytes/step (XLA) | "
+                    "roofline (XLA bytes) | roofline (7x4 B floor) |",
+                    "|---|---|---|---|---|---|",
+                ]
                 for opt, r in c["rows"].items():
                     lines.append(
                         f"| {opt} | {r['median_ms']:.3f} | {r['ratio']:.3f} | "
                         f"{r['bytes_xla'] / 1e6:.1f} MB | "
                         f"{r.get('roofline_fraction_xla', float('nan')):.2f} | "
-                        f"{r.get('roofline_fraction_floor', float('nan')):.2f} |")
+                        f"{r.get('roofline_fraction_floor', float('nan')):.2f} |"
+                    )
                 lines.append("")
         elif name == "compile":
             for case, c in res.items():
-                lines += [f"{case}", "",
-                          "| optimizer | total s | ratio | HLO ops/leaf | fused bodies |",
-                          "|---|---|---|---|---|"]
+                lines += [
+                    f"{case}",
+                    "",
+                    "| optimizer | total s | ratio | HLO ops/leaf | fused bodies |",
+                    "|---|---|---|---|---|",
+                ]
                 for opt, r in c["rows"].items():
-                    lines.append(f"| {opt} | {r['total_s']:.2f} | {r['ratio']:.3f} | "
-                                 f"{r['hlo_ops_per_leaf']:.1f} | {r['distinct_fused_bodies']} |")
+                    lines.append(
+                        f"| {opt} | {r['total_s']:.2f} | {r['ratio']:.3f} | "
+                        f"{r['hlo_ops_per_leaf']:.1f} | {r['distinct_fused_bodies']} |"
+                    )
                 lines.append("")
         elif name == "sharding" and res:
-            lines.append(f"mesh {res['mesh']}: " + ", ".join(
-                f"{o} {'ok' if r['ok'] else 'DIFF'} ({r['max_abs_diff']:.1e})"
-                for o, r in res["rows"].items()))
+            lines.append(
+                f"mesh {res['mesh']}: "
+                + ", ".join(
+                    f"{o} {'ok' if r['ok'] else 'DIFF'} ({r['max_abs_diff']:.1e})"
+                    for o, r in res["rows"].items()
+                )
+            )
         elif res and "rc" in res:
             lines.append(f"`{res['command']}`: rc {res['rc']} in {res['seconds']:.0f} s")
             if res.get("reports"):
@@ -354,12 +416,18 @@ def main(args: argparse.Namespace) -> int:
             ok = not (isinstance(result, dict) and result.get("ok") is False)
             sections[name] = {"ok": ok, "seconds": time.perf_counter() - t0, "result": result}
         except Exception as e:  # noqa: BLE001  (record and go on: one summary for all)
-            sections[name] = {"ok": False, "seconds": time.perf_counter() - t0,
-                              "error": f"{type(e).__name__}: {e}",
-                              "traceback": traceback.format_exc()}
+            sections[name] = {
+                "ok": False,
+                "seconds": time.perf_counter() - t0,
+                "error": f"{type(e).__name__}: {e}",
+                "traceback": traceback.format_exc(),
+            }
             result = None
-        print(f"[gpu_check] {name}: {'ok' if sections[name]['ok'] else 'FAILED'} "
-              f"({sections[name]['seconds']:.1f} s)", flush=True)
+        print(
+            f"[gpu_check] {name}: {'ok' if sections[name]['ok'] else 'FAILED'} "
+            f"({sections[name]['seconds']:.1f} s)",
+            flush=True,
+        )
         return result
 
     def write() -> None:
@@ -368,6 +436,8 @@ def main(args: argparse.Namespace) -> int:
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
         (out_dir / "summary.md").write_text(_markdown(summary))
 
+    if args.ab:
+        st.add_ab_candidates(args.ab)  # joins _names(): the step and sharding sections
     device = run("device", lambda: device_section(args.small))
     write()
     copy_bw = device["copy_bandwidth"] if device else None
