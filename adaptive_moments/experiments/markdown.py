@@ -19,14 +19,19 @@ def table(rows: list[list[str]]) -> str:
 
 def delta(p: Paired | None, scale: float, digits: int) -> str:
     """A paired difference times ``scale``: ``+d [lo, hi]`` (its 95 % CI),
-    ``+d (n=1)`` without an interval, ``(baseline)`` for the baseline row."""
+    ``+d (n=1)`` without an interval, ``+d (n=k, all equal)`` when every
+    seed's difference is the same (no spread, so no interval), ``(baseline)``
+    for the baseline row."""
     if p is None:
         return "(baseline)"
     if p["n"] == 0:
         return "— (n=0)"
     lo, hi = p["ci95"]
-    if p["n"] < 2 or not math.isfinite(lo):
+    if p["n"] < 2:
         return f"{p['diff_mean'] * scale:+.{digits}f} (n={p['n']})"
+    if not math.isfinite(lo):
+        # stats.paired leaves the interval nan only when the differences are all equal.
+        return f"{p['diff_mean'] * scale:+.{digits}f} (n={p['n']}, all equal)"
     return (
         f"{p['diff_mean'] * scale:+.{digits}f} [{lo * scale:+.{digits}f}, {hi * scale:+.{digits}f}]"
     )
