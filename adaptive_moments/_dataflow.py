@@ -141,8 +141,14 @@ class _Flow:
 
     def scan(self, eqn: Any, args: list[Info]) -> list[Info]:
         p = eqn.params
-        nc, nk = p["num_consts"], p["num_carry"]
-        consts, carry, xs = args[:nc], args[nc : nc + nk], args[nc + nk :]
+        if "ft_in" in p:
+            # jax >= 0.11 groups the operands as a FlatTree (consts, carry, xs)
+            # in place of the num_consts / num_carry counts.
+            consts, carry, xs = (list(group) for group in p["ft_in"].update(args).unpack())
+        else:
+            nc, nk = p["num_consts"], p["num_carry"]
+            consts, carry, xs = args[:nc], args[nc : nc + nk], args[nc + nk :]
+        nk = len(carry)
         unroll = any(
             isinstance(x, Params) and any(self._whole_stacked(t) for t in x.tags) for x in xs
         )
