@@ -25,7 +25,7 @@ Everything goes to ``summary.{json,md}`` in ``--out``. With
 ``tests/test_gpu_check.py`` runs it so this script cannot rot. On a GPU run
 ``benchmarks/gpu_check.sh [OUT]``: on an H200 (2026-12-04) the sections
 before ``compile`` took 4.6 minutes. ``--ab FILE`` adds another version's
-optimizers to the step section (as ``step_time.py --ab``).
+optimizers to the step and sharding sections (as ``step_time.py --ab``).
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "--ab",
         default=None,
         help="a copy of a library module (as step_time.py --ab): its optimizers join the "
-        "step section as <name>_ab, interleaved with the current ones",
+        "step and sharding sections as <name>_ab, interleaved with the current ones",
     )
     return parser.parse_args(argv)
 
@@ -197,8 +197,9 @@ def step_section(small: bool, rounds: int | None, copy_bw: float | None) -> dict
 
 # The compile section on a GPU: fewer candidates and sizes than the CPU
 # benchmark's (1,000 leaves, 24 blocks). On an H200 (2026-12-04) all eight
-# candidates at the CPU sizes had not finished after 200 s: XLA:GPU compiles
-# every kernel through ptxas, so the section would eat the device budget.
+# candidates at the CPU sizes had not finished after 200 s (likely because
+# XLA:GPU compiles every kernel through ptxas), so the section would eat the
+# device budget.
 GPU_COMPILE_CANDIDATES = ("adam", "caadam_depth", "set_adam", "exadam", "adam_control")
 GPU_COMPILE_LEAVES, GPU_COMPILE_BLOCKS = 250, 8
 
@@ -441,9 +442,9 @@ def main(args: argparse.Namespace) -> int:
     device = run("device", lambda: device_section(args.small))
     write()
     copy_bw = device["copy_bandwidth"] if device else None
-    # The compile cases last: their time on a GPU is the least known (eight
-    # candidates x 1,000 leaves and 24 blocks), and the shell's hard limit
-    # should cut them, not the short sections after them.
+    # The compile cases last: their time on a GPU is the least known (five
+    # candidates x 250 leaves and 8 blocks, not yet run on a GPU), and the
+    # shell's hard limit should cut them, not the short sections after them.
     for name, fn in (
         ("step", lambda: step_section(args.small, args.rounds, copy_bw)),
         ("sharding", lambda: sharding_section(args.small)),

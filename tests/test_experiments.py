@@ -95,7 +95,11 @@ def _check_outputs(result: dict, cfg: ExperimentConfig, capsys) -> dict:
         if s["paired"] is None:
             continue
         row = next(line for line in out.splitlines() if line.startswith(f"| {lab} "))
-        if len({x - y for x, y in zip(s["test_metric"], base_metric)}) == 1:
+        pairs = [(x, y) for x, y in zip(s["test_metric"], base_metric) if None not in (x, y)]
+        assert s["paired"]["n"] == len(pairs)  # a diverged (null) run drops its pair
+        if len(pairs) == 1:
+            assert re.search(r"[+-]\d+\.\d+ \(n=1\)", row), row
+        elif len({x - y for x, y in pairs}) == 1:
             assert s["paired"]["ci95"] == [None, None], s["paired"]
             assert re.search(r"[+-]\d+\.\d+ \(n=\d+, all equal\)", row), row
         else:
