@@ -275,31 +275,14 @@ def experiments_section(small: bool, out_dir: Path) -> dict[str, Any]:
     exp_dir = out_dir / "experiments"
     if small:
         cmd = [
-            "--task",
-            "regression_mlp",
-            "--optimizers",
-            "adam",
-            "caadam",
-            "--seeds",
-            "0",
-            "1",
-            "--epochs",
-            "1",
+            "--task", "regression_mlp", "--optimizers", "adam", "caadam", "--seeds", "0", "1",
+            "--epochs", "1",
         ]
     else:
         # The main job (Fashion-MNIST CNN, every default optimizer), 3 seeds vmapped.
         cmd = ["--preset", "quick", "--epochs", "2"]
-    argv = [
-        sys.executable,
-        "-m",
-        "adaptive_moments.experiments",
-        *cmd,
-        *common,
-        "--output-dir",
-        str(exp_dir),
-        "--name",
-        "gpu_check",
-    ]
+    argv = [sys.executable, "-m", "adaptive_moments.experiments", *cmd, *common,
+            "--output-dir", str(exp_dir), "--name", "gpu_check"]
     result = _run(argv, timeout=150 if small else 240)
     result["reports"] = sorted(str(p.relative_to(out_dir)) for p in exp_dir.glob("*.json"))
     return result
@@ -309,23 +292,14 @@ def _run(argv: list[str], env: dict[str, str] | None = None, timeout: int = 300)
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(
-            argv,
-            cwd=ROOT,
-            env={**os.environ, **(env or {})},
-            capture_output=True,
-            text=True,
+            argv, cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True,
             timeout=timeout,
         )
         rc, tail = proc.returncode, (proc.stdout + proc.stderr)[-4000:]
     except subprocess.TimeoutExpired as e:
         rc, tail = "timeout", str(e.stdout or "")[-4000:]
-    return {
-        "command": " ".join(argv),
-        "rc": rc,
-        "ok": rc == 0,
-        "seconds": time.perf_counter() - t0,
-        "output_tail": tail,
-    }
+    return {"command": " ".join(argv), "rc": rc, "ok": rc == 0, "seconds": time.perf_counter() - t0,
+            "output_tail": tail}
 
 
 # ---------------------------------------------------------------------------
@@ -335,10 +309,8 @@ def _run(argv: list[str], env: dict[str, str] | None = None, timeout: int = 300)
 def _markdown(summary: dict[str, Any]) -> str:
     lines = ["# GPU check", ""]
     meta = summary["meta"]
-    lines.append(
-        f"{meta['device_kind']} x{meta['num_devices']} ({meta['backend']}), "
-        f"jax {meta['jax']}, small={meta['small']}, {meta['date']}"
-    )
+    lines.append(f"{meta['device_kind']} x{meta['num_devices']} ({meta['backend']}), "
+                 f"jax {meta['jax']}, small={meta['small']}, {meta['date']}")
     lines.append("")
     for name, sec in summary["sections"].items():
         status = "ok" if sec["ok"] else f"FAILED: {sec.get('error', '')}"
@@ -347,49 +319,34 @@ def _markdown(summary: dict[str, Any]) -> str:
         res = sec.get("result") or {}
         if name == "device" and res:
             spec = res["peak_bandwidth_spec"]
-            lines.append(
-                f"copy kernel {res['copy_bandwidth'] / 1e9:.1f} GB/s; data sheet "
-                f"{'-' if spec is None else f'{spec / 1e9:.0f} GB/s'}"
-            )
+            lines.append(f"copy kernel {res['copy_bandwidth'] / 1e9:.1f} GB/s; data sheet "
+                         f"{'-' if spec is None else f'{spec / 1e9:.0f} GB/s'}")
         elif name == "step":
             for case, c in res.items():
-                lines += [
-                    f"{case}: {c['params'] / 1e6:.2f}M params, {c['leaves']} leaves",
-                    "",
-                    "| optimizer | median ms | ratio | bytes/step (XLA) | "
-                    "roofline (XLA bytes) | roofline (7x4 B floor) |",
-                    "|---|---|---|---|---|---|",
-                ]
+                lines += [f"{case}: {c['params'] / 1e6:.2f}M params, {c['leaves']} leaves", "",
+                          "| optimizer | median ms | ratio | bytes/step (XLA) | "
+                          "roofline (XLA bytes) | roofline (7x4 B floor) |",
+                          "|---|---|---|---|---|---|"]
                 for opt, r in c["rows"].items():
                     lines.append(
                         f"| {opt} | {r['median_ms']:.3f} | {r['ratio']:.3f} | "
                         f"{r['bytes_xla'] / 1e6:.1f} MB | "
                         f"{r.get('roofline_fraction_xla', float('nan')):.2f} | "
-                        f"{r.get('roofline_fraction_floor', float('nan')):.2f} |"
-                    )
+                        f"{r.get('roofline_fraction_floor', float('nan')):.2f} |")
                 lines.append("")
         elif name == "compile":
             for case, c in res.items():
-                lines += [
-                    f"{case}",
-                    "",
-                    "| optimizer | total s | ratio | HLO ops/leaf | fused bodies |",
-                    "|---|---|---|---|---|",
-                ]
+                lines += [f"{case}", "",
+                          "| optimizer | total s | ratio | HLO ops/leaf | fused bodies |",
+                          "|---|---|---|---|---|"]
                 for opt, r in c["rows"].items():
-                    lines.append(
-                        f"| {opt} | {r['total_s']:.2f} | {r['ratio']:.3f} | "
-                        f"{r['hlo_ops_per_leaf']:.1f} | {r['distinct_fused_bodies']} |"
-                    )
+                    lines.append(f"| {opt} | {r['total_s']:.2f} | {r['ratio']:.3f} | "
+                                 f"{r['hlo_ops_per_leaf']:.1f} | {r['distinct_fused_bodies']} |")
                 lines.append("")
         elif name == "sharding" and res:
-            lines.append(
-                f"mesh {res['mesh']}: "
-                + ", ".join(
-                    f"{o} {'ok' if r['ok'] else 'DIFF'} ({r['max_abs_diff']:.1e})"
-                    for o, r in res["rows"].items()
-                )
-            )
+            lines.append(f"mesh {res['mesh']}: " + ", ".join(
+                f"{o} {'ok' if r['ok'] else 'DIFF'} ({r['max_abs_diff']:.1e})"
+                for o, r in res["rows"].items()))
         elif res and "rc" in res:
             lines.append(f"`{res['command']}`: rc {res['rc']} in {res['seconds']:.0f} s")
             if res.get("reports"):
@@ -417,18 +374,12 @@ def main(args: argparse.Namespace) -> int:
             ok = not (isinstance(result, dict) and result.get("ok") is False)
             sections[name] = {"ok": ok, "seconds": time.perf_counter() - t0, "result": result}
         except Exception as e:  # noqa: BLE001  (record and go on: one summary for all)
-            sections[name] = {
-                "ok": False,
-                "seconds": time.perf_counter() - t0,
-                "error": f"{type(e).__name__}: {e}",
-                "traceback": traceback.format_exc(),
-            }
+            sections[name] = {"ok": False, "seconds": time.perf_counter() - t0,
+                              "error": f"{type(e).__name__}: {e}",
+                              "traceback": traceback.format_exc()}
             result = None
-        print(
-            f"[gpu_check] {name}: {'ok' if sections[name]['ok'] else 'FAILED'} "
-            f"({sections[name]['seconds']:.1f} s)",
-            flush=True,
-        )
+        print(f"[gpu_check] {name}: {'ok' if sections[name]['ok'] else 'FAILED'} "
+              f"({sections[name]['seconds']:.1f} s)", flush=True)
         return result
 
     def write() -> None:
